@@ -1,0 +1,39 @@
+"""EQ-VAE equivariance regularization: the Composer algorithm and its functional core."""
+
+from eqvae_composer.algorithms.equivariance.equivariance import (
+    EquivarianceAlgorithm,
+    find_autoencoder,
+    latent_entry_point,
+    vae_downsample_factor,
+)
+from eqvae_composer.algorithms.equivariance.transforms import (
+    DISCRETE_SCALES,
+    GRID_SCALES,
+    Branch,
+    SpatialTransform,
+    apply_to_image,
+    apply_to_latent,
+    downscale_image,
+    sample_branch,
+    sample_scales,
+    sample_transform,
+    scaled_size,
+)
+
+__all__ = [
+    'Branch',
+    'DISCRETE_SCALES',
+    'EquivarianceAlgorithm',
+    'GRID_SCALES',
+    'SpatialTransform',
+    'apply_to_image',
+    'apply_to_latent',
+    'downscale_image',
+    'find_autoencoder',
+    'latent_entry_point',
+    'sample_branch',
+    'sample_scales',
+    'sample_transform',
+    'scaled_size',
+    'vae_downsample_factor',
+]

@@ -1,0 +1,198 @@
+"""``ComposerAutoencoderKL``: a diffusers ``AutoencoderKL`` with the reference loss, as a ComposerModel."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from composer.models import ComposerModel
+from diffusers import AutoencoderKL
+from torch import nn
+from torchmetrics import Metric
+
+from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
+from eqvae_composer.evaluation.metrics import (
+    LatentEquivarianceError,
+    LPIPSMetric,
+    ReconstructionPSNR,
+    ReconstructionSSIM,
+    equivariance_errors,
+    eval_transforms,
+)
+from eqvae_composer.models.lpips import lpips_distance
+from eqvae_composer.models.loss import VAEGANLoss
+
+__all__ = ['AutoencoderKLForward', 'ComposerAutoencoderKL', 'EVAL_METRICS']
+
+#: Metric name -> what it measures on the eval set.
+EVAL_METRICS = {
+    'PSNR': 'PSNR of D(z), z ~ q(z|x), against x (uint8-quantized)',
+    'SSIM': 'SSIM of D(z) against x (uint8-quantized)',
+    'LPIPS': 'LPIPS-VGG of D(z) against x (needs the VGG weights)',
+    'EquivarianceErrorR': 'latent equivariance error over rotations 90/180/270',
+    'EquivarianceErrorS': 'latent equivariance error over scales 0.25/0.5/0.75',
+}
+
+
+class AutoencoderKLForward(nn.Module):
+    """Runs ``AutoencoderKL`` encode -> sample -> decode inside one ``forward``.
+
+    FSDP gathers a unit's parameters around its ``forward`` only, so all VAE compute goes through
+    here rather than through ``vae.encode()`` / ``vae.decode()`` called from outside. It also
+    records the input of the decoder's last convolution, which the adaptive GAN weight needs.
+    """
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae
+        self._last_layer_inputs: list[torch.Tensor] = []
+        vae.decoder.conv_out.register_forward_hook(self._record_last_layer_input)
+
+    def _record_last_layer_input(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._last_layer_inputs.append(args[0])
+
+    def forward(self, images: torch.Tensor, sample_posterior: bool = True, decode: bool = True) -> dict[str, Any]:
+        """Encode ``images``; with ``decode``, also reconstruct from a posterior sample (or the mode).
+
+        Returns:
+            dict: ``posterior`` (DiagonalGaussianDistribution), ``latents`` (the decoded z), and with
+            ``decode``: ``reconstruction`` and ``last_layer_input``.
+        """
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.sample() if sample_posterior else posterior.mode()
+        outputs: dict[str, Any] = {'posterior': posterior, 'latents': latents}
+        if decode:
+            self._last_layer_inputs = []
+            outputs['reconstruction'] = self.vae.decode(latents).sample
+            inputs, self._last_layer_inputs = self._last_layer_inputs, []
+            outputs['last_layer_input'] = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+        return outputs
+
+
+class ComposerAutoencoderKL(ComposerModel):
+    """A diffusers ``AutoencoderKL`` trained with L1 + LPIPS + KL + PatchGAN, one forward and one backward.
+
+    Add ``EquivarianceAlgorithm()`` to the Trainer for EQ-VAE; without it this is the ordinary VAE
+    objective. Use ``param_groups()`` to build the single optimizer with separate autoencoder and
+    discriminator settings.
+
+    Args:
+        vae (AutoencoderKL): the autoencoder (see ``eqvae_composer.checkpoints.load_autoencoder``).
+        loss (VAEGANLoss, optional): the objective. Default: ``VAEGANLoss(lpips_weight=0)``.
+        image_key (str): batch key of the images, in [-1, 1]. Default: ``'image'``.
+        eval_sample_posterior (bool): reconstruct from a posterior sample at evaluation (the
+            paper's protocol); ``False`` uses the mode. Default: ``True``.
+        eval_metrics (Sequence[str]): names from ``EVAL_METRICS``. Default: PSNR, SSIM and both
+            equivariance errors.
+        lpips_metric (Callable, optional): LPIPS network for the ``LPIPS`` metric; defaults to
+            the loss's when it has one.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        loss: VAEGANLoss | None = None,
+        image_key: str = 'image',
+        eval_sample_posterior: bool = True,
+        eval_metrics: Sequence[str] = ('PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS'),
+        lpips_metric: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(eval_metrics) - set(EVAL_METRICS))
+        if unknown:
+            raise ValueError(f'unknown eval_metrics {unknown}; choose from {sorted(EVAL_METRICS)}.')
+        self.autoencoder = AutoencoderKLForward(vae)
+        self.loss_fn = loss if loss is not None else VAEGANLoss(lpips_weight=0.0)
+        self.image_key = image_key
+        self.eval_sample_posterior = eval_sample_posterior
+        self.eval_metric_names = tuple(eval_metrics)
+        object.__setattr__(self, '_lpips_metric_net', lpips_metric or self.loss_fn.lpips)
+        if 'LPIPS' in self.eval_metric_names and self._lpips_metric_net is None:
+            raise ValueError('the LPIPS eval metric needs an LPIPS network (see load_lpips).')
+        self.downsample_factor = vae_downsample_factor(vae)
+        #: The training step, compared with the loss's ``disc_start``; kept current by ``GlobalStepCallback``.
+        self.global_step = 0
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.autoencoder.vae
+
+    def param_groups(
+        self,
+        lr: float,
+        betas: tuple[float, float] = (0.5, 0.9),
+        disc_lr: float | None = None,
+        disc_betas: tuple[float, float] | None = None,
+        weight_decay: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """Two optimizer parameter groups: the autoencoder (and a learnable ``logvar``), the discriminator."""
+        discriminator = self.loss_fn.discriminator
+        disc_params = [] if discriminator is None else list(discriminator.parameters())
+        disc_ids = {id(p) for p in disc_params}
+        ae_params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc_ids]
+        groups = [{'params': ae_params, 'lr': lr, 'betas': tuple(betas), 'weight_decay': weight_decay}]
+        if disc_params:
+            groups.append({
+                'params': disc_params,
+                'lr': lr if disc_lr is None else disc_lr,
+                'betas': tuple(betas if disc_betas is None else disc_betas),
+                'weight_decay': weight_decay,
+            })
+        return groups
+
+    def forward(self, batch: Any) -> dict[str, Any]:
+        return self.autoencoder(batch[self.image_key], sample_posterior=True)
+
+    def loss(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
+        return self.loss_fn(
+            batch[self.image_key],
+            outputs['reconstruction'],
+            outputs['posterior'],
+            self.vae.decoder.conv_out,
+            outputs.get('last_layer_input'),
+            self.global_step,
+        )
+
+    def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
+        if outputs is not None:
+            return outputs
+        images = batch[self.image_key]
+        outputs = self.autoencoder(images, sample_posterior=self.eval_sample_posterior)
+        wants = {name for name in self.eval_metric_names if name.startswith('EquivarianceError')}
+        if wants:
+            # Each encode is its own forward call of the wrapped module, so FSDP gathers for it.
+            def encode(x: torch.Tensor) -> torch.Tensor:
+                return self.autoencoder(x, decode=False)['posterior'].mode()
+
+            latents = outputs['posterior'].mode()
+            outputs['equivariance'] = {
+                kind: equivariance_errors(encode, images, taus, self.downsample_factor, latents)
+                for kind, taus in eval_transforms().items()
+                if f'EquivarianceError{kind[0].upper()}' in wants
+            }
+        return outputs
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        # No train metrics: under EquivarianceAlgorithm the training outputs are D(tau(z)), which
+        # Composer would compare with an untransformed copy of the batch.
+        if is_train:
+            return {}
+        factories = {
+            'PSNR': ReconstructionPSNR,
+            'SSIM': ReconstructionSSIM,
+            'LPIPS': LPIPSMetric,
+            'EquivarianceErrorR': lambda: LatentEquivarianceError('rotation'),
+            'EquivarianceErrorS': lambda: LatentEquivarianceError('scale'),
+        }
+        return {name: factories[name]() for name in self.eval_metric_names}
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        target, reconstruction = batch[self.image_key], outputs['reconstruction']
+        if isinstance(metric, LatentEquivarianceError):
+            metric.update(outputs['equivariance'][metric.kind])
+        elif isinstance(metric, LPIPSMetric):
+            with torch.no_grad():
+                metric.update(lpips_distance(self._lpips_metric_net, target, reconstruction))
+        else:
+            metric.update(reconstruction, target)

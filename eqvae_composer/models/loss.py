@@ -1,0 +1,204 @@
+"""The reference autoencoder objective (LDM's ``LPIPSWithDiscriminator``) in one forward and one backward.
+
+The reference trains the autoencoder and the discriminator with two optimizers, so Lightning runs
+the model twice per batch. Here both losses come out of one call and one ``backward()``:
+
+* the generator term ``g = -mean(D(x_hat))`` runs the discriminator with detached parameters, so
+  it sends gradients to the autoencoder only;
+* the discriminator's hinge loss runs on detached images, so it sends gradients to the
+  discriminator only;
+* the adaptive weight needs the gradients of ``nll`` and ``g`` with respect to the decoder's last
+  convolution. Both are computed from the gradients with respect to the reconstruction (one
+  backward through LPIPS and one through the discriminator) and the last layer's input; the same
+  reconstruction gradients then drive the autoencoder's backward, so LPIPS and the discriminator
+  are not differentiated a second time. The last layer's weight is never read, which keeps the
+  norm exact under FSDP, where the weight is sharded but activations are not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+
+from eqvae_composer.models.discriminator import PatchGANDiscriminator
+from eqvae_composer.models.lpips import lpips_distance
+
+__all__ = ['LOSS_KEYS', 'VAEGANLoss', 'hinge_discriminator_loss']
+
+#: Every key the loss returns, on every step: Composer all-reduces the dict across ranks.
+LOSS_KEYS = (
+    'total',
+    'nll',
+    'rec',
+    'l1',
+    'lpips',
+    'kl',
+    'g',
+    'disc',
+    'disc_weight',
+    'disc_factor',
+    'logits_real',
+    'logits_fake',
+    'logvar',
+)
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """``0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))))``."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def _kl(posterior: DiagonalGaussianDistribution) -> torch.Tensor:
+    """Per-sample KL to N(0, I), like ``posterior.kl()`` but in fp32 whatever the encoder's dtype."""
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+class VAEGANLoss(nn.Module):
+    """L1 + LPIPS + KL + PatchGAN with adaptive weight, as in the reference (spec section 3).
+
+    It is an ``nn.Module`` because it owns the discriminator (and ``logvar`` when learnable): under
+    FSDP it is wrapped as a unit, and everything that touches its parameters runs in ``forward``.
+
+    Args:
+        lpips (Callable, optional): ``lpips(x, x_hat) -> (B, 1, 1, 1)`` on [-1, 1] images, e.g. from
+            ``load_lpips()``. Kept out of the module's parameters and checkpoints: it is frozen.
+            Required when ``lpips_weight > 0``.
+        lpips_weight (float): weight of the perceptual term. Default: ``1.0``.
+        kl_weight (float): weight of the KL term. Default: ``1e-6``.
+        disc_weight (float): scale of the adaptive weight; ``0`` removes the discriminator.
+            Default: ``0.5``.
+        disc_factor (float): multiplies both GAN terms once active. Default: ``1.0``.
+        disc_start (int): training step from which the GAN terms count. Default: ``0``.
+        logvar_init (float): initial ``logvar`` of ``nll = rec / exp(logvar) + logvar``. Default: ``0``.
+        learn_logvar (bool): make ``logvar`` a trained parameter (the reference keeps it fixed).
+            Default: ``False``.
+        disc_in_channels (int), disc_num_filters (int), disc_num_layers (int): the PatchGAN's shape.
+            Defaults: ``3``, ``64``, ``3``.
+        adaptive_weight_max (float): upper clamp of the adaptive weight. Default: ``1e4``.
+    """
+
+    def __init__(
+        self,
+        lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        lpips_weight: float = 1.0,
+        kl_weight: float = 1e-6,
+        disc_weight: float = 0.5,
+        disc_factor: float = 1.0,
+        disc_start: int = 0,
+        logvar_init: float = 0.0,
+        learn_logvar: bool = False,
+        disc_in_channels: int = 3,
+        disc_num_filters: int = 64,
+        disc_num_layers: int = 3,
+        adaptive_weight_max: float = 1e4,
+    ) -> None:
+        super().__init__()
+        if lpips_weight < 0 or kl_weight < 0 or disc_weight < 0 or disc_factor < 0 or disc_start < 0:
+            raise ValueError('loss weights and disc_start must be non-negative.')
+        if lpips_weight > 0 and lpips is None:
+            raise ValueError('lpips_weight > 0 needs an LPIPS network (see eqvae_composer.models.load_lpips).')
+        self.lpips_weight = float(lpips_weight)
+        self.kl_weight = float(kl_weight)
+        self.disc_weight = float(disc_weight)
+        self.disc_factor = float(disc_factor)
+        self.disc_start = int(disc_start)
+        self.adaptive_weight_max = float(adaptive_weight_max)
+        # Bypass nn.Module registration: a frozen network, not state of this model.
+        object.__setattr__(self, 'lpips', lpips)
+        logvar = torch.full((), float(logvar_init))
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.register_buffer('logvar', logvar)
+        self.discriminator = (
+            PatchGANDiscriminator(disc_in_channels, disc_num_filters, disc_num_layers) if disc_weight > 0 else None
+        )
+
+    def forward(
+        self,
+        target: torch.Tensor,
+        reconstruction: torch.Tensor,
+        posterior: DiagonalGaussianDistribution,
+        last_layer: nn.Conv2d,
+        last_layer_input: torch.Tensor | None,
+        global_step: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """All loss terms; ``'total'`` has the value and the gradients of autoencoder + discriminator loss.
+
+        Args:
+            target (Tensor): the images the reconstruction should match, in [-1, 1].
+            reconstruction (Tensor): the decoder's output (``last_layer``'s output).
+            posterior (DiagonalGaussianDistribution): the encoder's posterior, for the KL term.
+            last_layer (Conv2d): the decoder's last convolution (only its hyperparameters are read).
+            last_layer_input (Tensor, optional): that convolution's input; needed for the adaptive
+                weight while training with the discriminator active.
+            global_step (int): the training step, compared with ``disc_start``.
+        """
+        with torch.autocast(device_type=target.device.type, enabled=False):
+            return self._losses(target.float(), reconstruction.float(), posterior, last_layer, last_layer_input,
+                                global_step)
+
+    def _losses(self, x, x_hat, posterior, last_layer, last_layer_input, global_step) -> dict[str, torch.Tensor]:
+        batch_size = x.shape[0]
+        zero = x.new_zeros(())
+        l1 = (x - x_hat).abs()
+        if self.lpips_weight > 0:
+            p_loss = lpips_distance(self.lpips, x, x_hat)
+            rec = l1 + self.lpips_weight * p_loss  # (B, 1, 1, 1) broadcast per pixel, as the reference
+        else:
+            p_loss, rec = zero, l1
+        logvar = self.logvar.float()
+        nll = (rec / torch.exp(logvar) + logvar).sum() / batch_size
+        kl = _kl(posterior).sum() / batch_size
+        terms = {'nll': nll, 'rec': rec.mean(), 'l1': l1.mean(), 'lpips': p_loss.mean(), 'kl': kl, 'logvar': logvar}
+
+        if self.discriminator is None:
+            terms.update(g=zero, disc=zero, disc_weight=zero, disc_factor=zero, logits_real=zero, logits_fake=zero)
+            terms['total'] = nll + self.kl_weight * kl
+            return terms
+
+        factor = self.disc_factor if global_step >= self.disc_start else 0.0
+        g = -self.discriminator(x_hat, frozen=True).mean()
+        logits_real = self.discriminator(x.detach())
+        logits_fake = self.discriminator(x_hat.detach())
+        disc = factor * hinge_discriminator_loss(logits_real, logits_fake)
+        terms.update(g=g, disc=disc, disc_factor=x.new_tensor(factor),
+                     logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean())
+
+        trains_generator = self.training and torch.is_grad_enabled() and x_hat.requires_grad and factor > 0
+        if not trains_generator:
+            terms['disc_weight'] = zero
+            terms['total'] = nll + self.kl_weight * kl + disc
+            return terms
+        if last_layer_input is None:
+            raise ValueError('the adaptive GAN weight needs the input of the decoder\'s last layer.')
+
+        grad_nll = torch.autograd.grad(nll, x_hat, retain_graph=True)[0]
+        grad_g = torch.autograd.grad(g, x_hat, retain_graph=True)[0]
+        d_weight = self._adaptive_weight(grad_nll, grad_g, last_layer, last_layer_input)
+        terms['disc_weight'] = d_weight
+        value = nll + self.kl_weight * kl + d_weight * factor * g
+        # Same gradients as `value` for the autoencoder, without a second pass through LPIPS and D.
+        surrogate = (x_hat * (grad_nll + d_weight * factor * grad_g)).sum() + self.kl_weight * kl
+        if isinstance(self.logvar, nn.Parameter):  # grad_nll carries no gradient for logvar itself
+            surrogate = surrogate + (rec.detach() / torch.exp(logvar) + logvar).sum() / batch_size
+        terms['total'] = (value - surrogate).detach() + surrogate + disc
+        return terms
+
+    def _adaptive_weight(self, grad_nll, grad_g, last_layer: nn.Conv2d, last_layer_input) -> torch.Tensor:
+        """``disc_weight * clamp(||dnll/dW|| / (||dg/dW|| + 1e-4), 0, max)`` for W the last layer's weight."""
+        h = last_layer_input.detach().float()
+
+        def weight_grad(grad_output: torch.Tensor) -> torch.Tensor:
+            return torch.nn.grad.conv2d_weight(
+                h, last_layer.weight.shape, grad_output, last_layer.stride, last_layer.padding,
+                last_layer.dilation, last_layer.groups,
+            )
+
+        ratio = weight_grad(grad_nll).norm() / (weight_grad(grad_g).norm() + 1e-4)
+        return torch.clamp(ratio, 0.0, self.adaptive_weight_max).detach() * self.disc_weight

@@ -1,0 +1,58 @@
+"""LPIPS-VGG (the reference's perceptual loss and metric) with its backbone loaded from a local file.
+
+The ``lpips`` package ships the linear calibration layers but fetches torchvision's VGG16 at run
+time; here the backbone is built empty and filled from a file found by ``resolve_weights``, so an
+offline machine fails fast with the file name instead of downloading or using random weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+from collections.abc import Callable
+
+import lpips
+import torch
+import torchvision
+
+from eqvae_composer.weights import resolve_weights
+
+__all__ = ['VGG16_FILENAME', 'VGG16_URL', 'load_lpips', 'lpips_distance']
+
+VGG16_FILENAME = 'vgg16-397923af.pth'
+VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
+
+
+def load_lpips(vgg_weights: str | os.PathLike | None = None, allow_download: bool | None = None) -> lpips.LPIPS:
+    """A frozen LPIPS-VGG network in eval mode, inputs in [-1, 1], output shape ``(B, 1, 1, 1)``.
+
+    Args:
+        vgg_weights (str | PathLike, optional): torchvision's ``vgg16-397923af.pth`` (or a folder
+            holding it). Default: looked up in the torch hub cache.
+        allow_download (bool, optional): see ``eqvae_composer.weights.resolve_weights``.
+    """
+    weights = resolve_weights(VGG16_FILENAME, VGG16_URL, 'LPIPS (VGG16 backbone)', vgg_weights, allow_download)
+    state = torch.load(weights, map_location='cpu', weights_only=True)
+    # Only the convolutional trunk is used; the classifier's keys may be absent (or present).
+    features = torchvision.models.vgg16().features
+    features.load_state_dict({k.removeprefix('features.'): v for k, v in state.items() if k.startswith('features.')})
+    # pnet_rand=True builds the backbone without downloading; its layers are replaced below.
+    net = lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=True, verbose=False)
+    for stage in net.net.children():
+        for index, layer in stage.named_children():  # lpips keeps torchvision's feature indices
+            layer.load_state_dict(features[int(index)].state_dict())
+    net.eval().requires_grad_(False)
+    return net
+
+
+def lpips_distance(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor):
+    """``net(x, x_hat)`` in fp32, shape ``(B, 1, 1, 1)``, moving a module ``net`` to the images' device.
+
+    The network is frozen state kept outside the model's parameters, so ``model.to(device)`` does
+    not move it; this does, once.
+    """
+    if isinstance(net, torch.nn.Module):
+        param = next(net.parameters(), None)
+        if param is not None and param.device != x.device:
+            net.to(x.device)
+    return net(x.float(), x_hat.float()).float()

@@ -1,0 +1,40 @@
+"""eqvae-composer: EQ-VAE fine-tuning of image autoencoders on the MosaicML stack."""
+
+from setuptools import find_packages, setup
+
+# Ranges we test; requirements/constraints.txt pins the exact set CI installs, which keeps
+# pip's resolver from backtracking for minutes over the large Composer dependency tree.
+install_requires = [
+    'mosaicml==0.32.1',  # Composer; pins torch>=2.6,<2.7.1
+    'torch==2.7.0',
+    'torchvision==0.22.0',
+    'mosaicml-streaming>=0.13.0,<0.14',
+    'diffusers>=0.39.0,<0.40',
+    'torchmetrics>=1.7.0,<1.7.5',
+    'torch-fidelity==0.4.0',
+    'lpips==0.1.4',
+    'omegaconf>=2.3,<2.5',
+    'safetensors>=0.4',
+    'scikit-image>=0.24,<0.27',  # ships the demo photographs
+    'pillow>=10',
+    'scipy>=1.10',
+    'tqdm',
+    'matplotlib>=3.8',
+]
+
+extras_require = {
+    'dev': ['pytest>=8,<10', 'ruff==0.17.6', 'pre-commit'],
+}
+
+setup(
+    name='eqvae-composer',
+    version='0.1.0',
+    description='EQ-VAE equivariance regularization for diffusers autoencoders, as a Composer algorithm',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['eqvae_composer', 'eqvae_composer.*']),
+    package_data={'eqvae_composer': ['algorithms/*/README.md']},
+    python_requires='>=3.10',
+    install_requires=install_requires,
+    extras_require=extras_require,
+)

@@ -1,0 +1,182 @@
+"""The one-pass loss against a two-pass computation written the way the reference (LDM) does it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eqvae_composer.models import LOSS_KEYS, ComposerAutoencoderKL, PatchGANDiscriminator, VAEGANLoss
+from tests.conftest import tiny_vae
+
+
+class TinyPerceptual(nn.Module):
+    """A differentiable stand-in for LPIPS: (B, 1, 1, 1) distances of conv features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.requires_grad_(False)
+
+    def forward(self, x, y):
+        return (self.conv(x) - self.conv(y)).pow(2).mean(dim=(1, 2, 3), keepdim=True)
+
+
+def _model(learn_logvar=False, disc_factor=1.0, lpips_weight=1.0):
+    loss = VAEGANLoss(lpips=TinyPerceptual(), lpips_weight=lpips_weight, disc_num_filters=8,
+                      learn_logvar=learn_logvar, logvar_init=0.3 if learn_logvar else 0.0, disc_factor=disc_factor)
+    return ComposerAutoencoderKL(tiny_vae(seed=3), loss)
+
+
+def _reference_two_pass(model, x, seed):
+    """LDM's LPIPSWithDiscriminator under Lightning: optimizer_idx 0 then 1, a forward each."""
+    vae, loss, disc = model.vae, model.loss_fn, model.loss_fn.discriminator
+
+    def forward():
+        posterior = vae.encode(x).latent_dist
+        torch.manual_seed(seed)
+        return posterior, vae.decode(posterior.sample()).sample
+
+    # optimizer_idx == 0: autoencoder step
+    posterior, x_hat = forward()
+    rec = (x - x_hat).abs() + loss.lpips_weight * loss.lpips(x, x_hat)
+    nll = rec / torch.exp(loss.logvar) + loss.logvar
+    nll = nll.sum() / nll.shape[0]
+    kl = posterior.kl().sum() / x.shape[0]
+    g = -disc(x_hat).mean()
+    last = vae.decoder.conv_out.weight
+    nll_grads = torch.autograd.grad(nll, last, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g, last, retain_graph=True)[0]
+    d_weight = torch.clamp(nll_grads.norm() / (g_grads.norm() + 1e-4), 0.0, 1e4).detach() * loss.disc_weight
+    ae_loss = nll + loss.kl_weight * kl + d_weight * loss.disc_factor * g
+    model.zero_grad()
+    ae_loss.backward()
+    disc_ids = {id(p) for p in disc.parameters()}
+    ae_grads = {n: p.grad.clone() for n, p in model.named_parameters() if id(p) not in disc_ids}
+
+    # optimizer_idx == 1: discriminator step, a second full forward
+    _, x_hat = forward()
+    logits_real, logits_fake = disc(x.detach()), disc(x_hat.detach())
+    d_loss = loss.disc_factor * 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+    model.zero_grad()
+    d_loss.backward()
+    d_grads = {n: p.grad.clone() for n, p in model.named_parameters() if id(p) in disc_ids}
+    return {**ae_grads, **d_grads}, (ae_loss + d_loss).item(), d_weight.item()
+
+
+def _ours(model, x, seed):
+    model.zero_grad()
+    outputs = _forward_with_seed(model, x, seed)
+    losses = model.loss(outputs, {'image': x})
+    losses['total'].backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, losses
+
+
+def _forward_with_seed(model, x, seed):
+    """The model's forward, with the RNG seeded right before the posterior sample (as the reference's)."""
+    vae = model.vae
+    original = vae.encode
+
+    def encode_then_seed(*args, **kwargs):
+        out = original(*args, **kwargs)
+        torch.manual_seed(seed)
+        return out
+
+    vae.encode = encode_then_seed
+    try:
+        return model({'image': x})
+    finally:
+        del vae.encode
+
+
+@pytest.mark.parametrize('learn_logvar', [False, True])
+def test_gradients_equal_the_two_pass_reference(learn_logvar):
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    model = _model(learn_logvar=learn_logvar)
+    expected, expected_total, expected_weight = _reference_two_pass(model, x, seed=7)
+    grads, losses = _ours(model, x, seed=7)
+    assert set(grads) == set(expected)
+    for name, grad in expected.items():
+        # Summation order differs between the two computations: compare relative to the tensor's scale
+        # (with a floor for attention key biases, whose true gradient is exactly zero: softmax ignores them).
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=max(1e-4 * scale, 2e-5), msg=name)
+    assert losses['total'].item() == pytest.approx(expected_total, rel=1e-5)
+    assert losses['disc_weight'].item() == pytest.approx(expected_weight, rel=1e-4)
+    assert 0 < expected_weight  # the adaptive weight is live, so the comparison means something
+
+
+def test_discriminator_gets_only_its_own_gradient_and_autoencoder_only_its_own():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model = _model()
+    disc = model.loss_fn.discriminator
+    outputs = model({'image': x})
+    losses = model.loss(outputs, {'image': x})
+    # The discriminator's gradient equals that of its hinge loss alone.
+    d_grads = torch.autograd.grad(losses['total'], list(disc.parameters()), retain_graph=True)
+    hinge = torch.autograd.grad(losses['disc'], list(disc.parameters()), retain_graph=True)
+    for a, b in zip(d_grads, hinge):
+        torch.testing.assert_close(a, b)
+    # ... and the hinge loss sends nothing to the autoencoder.
+    ae_params = [p for p in model.vae.parameters()]
+    assert all(g is None for g in torch.autograd.grad(losses['disc'], ae_params, allow_unused=True))
+
+
+def test_frozen_discriminator_matches_normal_forward():
+    disc = PatchGANDiscriminator(num_filters=8)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    torch.testing.assert_close(disc(x, frozen=True), disc(x))
+    disc.zero_grad()
+    disc(x, frozen=True).sum().backward()
+    assert all(p.grad is None for p in disc.parameters()) and x.grad is not None
+
+
+def test_disc_start_switches_gan_terms_off_before_it():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=5, disc_num_filters=8))
+    outputs = model({'image': x})
+    early = model.loss(outputs, {'image': x})
+    assert early['disc_factor'] == 0 and early['disc'] == 0 and early['disc_weight'] == 0
+    torch.testing.assert_close(early['total'], early['nll'] + 1e-6 * early['kl'])
+    model.global_step = 5
+    late = model.loss(model({'image': x}), {'image': x})
+    assert late['disc_factor'] == 1 and late['disc_weight'] > 0
+
+
+def test_loss_keys_are_the_same_in_every_configuration():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    configs = [dict(lpips_weight=0, disc_weight=0), dict(lpips_weight=0, disc_start=10), dict(lpips_weight=0)]
+    for kwargs in configs:
+        model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(disc_num_filters=8, **kwargs))
+        assert set(model.loss(model({'image': x}), {'image': x})) == set(LOSS_KEYS)
+
+
+def test_nll_kl_normalisation_by_hand():
+    # With D off and lpips off: total = sum|x - x_hat| / B + 1e-6 * sum KL / B.
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_weight=0))
+    outputs = model({'image': x})
+    losses = model.loss(outputs, {'image': x})
+    post = outputs['posterior']
+    kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).sum() / 2
+    expected = (x - outputs['reconstruction']).abs().sum() / 2 + 1e-6 * kl
+    torch.testing.assert_close(losses['total'], expected)
+
+
+def test_lpips_weight_needs_a_network():
+    with pytest.raises(ValueError, match='LPIPS'):
+        VAEGANLoss(lpips_weight=1.0)
+
+
+def test_lpips_is_not_part_of_model_state():
+    model = _model()
+    assert not any(k.startswith('loss_fn.lpips') for k in model.state_dict())
+    assert not any('conv' in k and 'loss_fn' in k and 'discriminator' not in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize('layers', [1, 2, 3])
+def test_discriminator_minimum_size_is_exact(layers):
+    disc = PatchGANDiscriminator(num_filters=4, num_layers=layers)
+    assert disc(torch.zeros(1, 3, disc.min_input_size, disc.min_input_size)).shape[-1] == 1
+    with pytest.raises(ValueError, match=f'at least {disc.min_input_size} px'):
+        disc(torch.zeros(1, 3, disc.min_input_size - 1, disc.min_input_size - 1))
