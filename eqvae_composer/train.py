@@ -26,8 +26,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from eqvae_composer.algorithms import EquivarianceAlgorithm
-from eqvae_composer.callbacks import GlobalStepCallback
-from eqvae_composer.checkpoints import export_diffusers, load_autoencoder
+from eqvae_composer.callbacks import GlobalStepCallback, ImageGridCallback
+from eqvae_composer.checkpoints import (
+    AutoencoderConfigRecorder,
+    export_diffusers,
+    load_autoencoder,
+    trained_autoencoder,
+)
 from eqvae_composer.data.dataset import build_image_dataloader
 from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss, load_lpips
 
@@ -40,8 +45,13 @@ CALLBACKS: dict[str, type[Callback]] = {
     'lr_monitor': LRMonitor,
     'speed_monitor': SpeedMonitor,
     'memory_monitor': MemoryMonitor,
+    'image_grid': ImageGridCallback,
 }
-LOGGERS: dict[str, type[LoggerDestination]] = {'file': FileLogger, 'tensorboard': TensorboardLogger, 'wandb': WandBLogger}
+LOGGERS: dict[str, type[LoggerDestination]] = {
+    'file': FileLogger,
+    'tensorboard': TensorboardLogger,
+    'wandb': WandBLogger,
+}
 
 
 class ConfigError(ValueError):
@@ -80,7 +90,9 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     image_key: str = 'image'
     eval_sample_posterior: bool = True
-    eval_metrics: list[str] = field(default_factory=lambda: ['PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS'])
+    eval_metrics: list[str] = field(
+        default_factory=lambda: ['PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS'],
+    )
 
 
 @dataclass
@@ -133,6 +145,7 @@ class TrainConfig:
     autoresume: bool = False
     load_path: str | None = None
     export_folder: str | None = None
+    export_ema: bool = True  # with the EMA algorithm, export its weights (False: the raw ones)
     metrics_file: str | None = None
     console_log_interval: str = '1ba'
     progress_bar: bool = False
@@ -223,11 +236,13 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     precision = _precision(cfg)
 
     model = build_model(cfg.model)
-    train_loader = build_image_dataloader(batch_size=per_device_batch, **_loader_kwargs(cfg.train_loader, train=True))
+    train_loader = build_image_dataloader(
+        batch_size=per_device_batch, **_loader_kwargs(cfg.train_loader, train=True, seed=cfg.seed),
+    )
     eval_loader = None
     if cfg.eval_loader is not None:
         eval_loader = build_image_dataloader(
-            batch_size=cfg.device_eval_batch_size, **_loader_kwargs(cfg.eval_loader, train=False),
+            batch_size=cfg.device_eval_batch_size, **_loader_kwargs(cfg.eval_loader, train=False, seed=cfg.seed),
         )
     optimizer = torch.optim.Adam(
         model.param_groups(
@@ -252,7 +267,11 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         seed=cfg.seed,
         run_name=cfg.run_name,
         algorithms=_instantiate(ALGORITHMS, 'algorithms', cfg.algorithms),
-        callbacks=[GlobalStepCallback(), *_instantiate(CALLBACKS, 'callbacks', cfg.callbacks)],
+        callbacks=[
+            GlobalStepCallback(),
+            AutoencoderConfigRecorder(),  # lets export and load_autoencoder rebuild the VAE from a checkpoint alone
+            *_instantiate(CALLBACKS, 'callbacks', cfg.callbacks),
+        ],
         loggers=_instantiate(LOGGERS, 'loggers', cfg.loggers),
         parallelism_config=parallelism,
         save_folder=cfg.save_folder,
@@ -271,23 +290,25 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     return trainer
 
 
-def _loader_kwargs(loader: LoaderConfig, train: bool) -> dict[str, Any]:
+def _loader_kwargs(loader: LoaderConfig, train: bool, seed: int) -> dict[str, Any]:
     kwargs = {k: v for k, v in vars(loader).items() if k != 'dataset'}
     dataset = dict(loader.dataset)
     dataset.setdefault('train', train)
+    dataset.setdefault('shuffle_seed', seed)  # the order and the crops follow the run's seed
     return {**kwargs, **dataset}
 
 
 def _finish(cfg: TrainConfig, trainer: Trainer) -> None:
     """Rank 0 exports the VAE and writes the final eval metrics."""
     metrics = {name: float(value) for name, value in trainer.state.eval_metric_values.items()}
+    # A collective under FSDP; EMA weights when the run used EMA, unless export_ema is false.
+    vae, which = trained_autoencoder(trainer.state, ema=cfg.export_ema) if cfg.export_folder else (None, '')
     if dist.get_global_rank() != 0:
         return
-    model = trainer.state.model.module if hasattr(trainer.state.model, 'module') else trainer.state.model
-    if cfg.export_folder:
-        folder = export_diffusers(model.vae, cfg.export_folder)
-        log.info('exported the autoencoder to %s', folder)
-        print(f'Exported the fine-tuned VAE (diffusers format) to {folder}')
+    if vae is not None:
+        folder = export_diffusers(vae, cfg.export_folder)
+        log.info('exported the %s weights of the autoencoder to %s', which, folder)
+        print(f'Exported the fine-tuned VAE ({which} weights, diffusers format) to {folder}')
     if cfg.metrics_file:
         path = Path(cfg.metrics_file)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,48 @@
-"""Loading autoencoders from any supported format, and exporting them."""
+"""Loading autoencoders from any supported format, exporting them, and measuring their latent scale."""
 
-from eqvae_composer.checkpoints.export import export_diffusers
-from eqvae_composer.checkpoints.loading import SD_VAE_CONFIG, AutoencoderLoadError, load_autoencoder, load_state_dict_file
+from eqvae_composer.checkpoints.composer_state import (
+    AutoencoderConfigRecorder,
+    composer_vae_state,
+    full_vae,
+    is_composer_checkpoint,
+    trained_autoencoder,
+)
+from eqvae_composer.checkpoints.export import export_diffusers, export_ldm, load_for_export, set_latent_factors
+from eqvae_composer.checkpoints.image_source import image_loader
+from eqvae_composer.checkpoints.latent_stats import LatentStatistics, latent_statistics
+from eqvae_composer.checkpoints.ldm import KeyMismatchError, diffusers_to_ldm, ldm_key_map, ldm_to_diffusers
+from eqvae_composer.checkpoints.loading import (
+    SD_VAE_CONFIG,
+    AutoencoderLoadError,
+    load_autoencoder,
+    load_composer_checkpoint,
+    load_state_dict_file,
+    read_checkpoint_file,
+    resolve_config,
+)
 
-__all__ = ['SD_VAE_CONFIG', 'AutoencoderLoadError', 'export_diffusers', 'load_autoencoder', 'load_state_dict_file']
+__all__ = [
+    'SD_VAE_CONFIG',
+    'AutoencoderConfigRecorder',
+    'AutoencoderLoadError',
+    'KeyMismatchError',
+    'LatentStatistics',
+    'composer_vae_state',
+    'diffusers_to_ldm',
+    'export_diffusers',
+    'export_ldm',
+    'full_vae',
+    'image_loader',
+    'is_composer_checkpoint',
+    'latent_statistics',
+    'ldm_key_map',
+    'ldm_to_diffusers',
+    'load_autoencoder',
+    'load_composer_checkpoint',
+    'load_for_export',
+    'load_state_dict_file',
+    'read_checkpoint_file',
+    'resolve_config',
+    'set_latent_factors',
+    'trained_autoencoder',
+]

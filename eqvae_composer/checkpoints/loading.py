@@ -1,22 +1,37 @@
 """One function to get a diffusers ``AutoencoderKL`` from wherever it lives.
 
-Accepted: a config dict (a new, randomly initialised model), a local diffusers folder, a hub id
-(cached by diffusers as usual), or a single LDM/CompVis file (``.ckpt``, ``.safetensors``, ``.pt``,
-``.bin``) converted with diffusers' own ``convert_ldm_vae_checkpoint``.
+Accepted sources (see ``load_autoencoder``): a config dict (a new, randomly initialised model), a
+local diffusers folder, a hub id (cache first), a single LDM/CompVis file (``.ckpt``,
+``.safetensors``, ``.pt``, ``.pth``, ``.bin``; converted with diffusers' ``convert_ldm_vae_checkpoint``),
+a bare diffusers state dict, or a Composer checkpoint of this project. Every load is strict: keys
+that are missing or unexpected are an error that lists them.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-__all__ = ['SD_VAE_CONFIG', 'AutoencoderLoadError', 'load_autoencoder', 'load_state_dict_file']
+from eqvae_composer.checkpoints.composer_state import composer_vae_state, is_composer_checkpoint, recorded_vae_config
+from eqvae_composer.checkpoints.ldm import KeyMismatchError, format_keys, is_diffusers_state_dict, ldm_to_diffusers
+
+__all__ = [
+    'SD_VAE_CONFIG',
+    'AutoencoderLoadError',
+    'load_autoencoder',
+    'load_composer_checkpoint',
+    'load_state_dict_file',
+    'read_checkpoint_file',
+    'resolve_config',
+]
 
 #: The kl-f8 (Stable Diffusion v1) autoencoder's diffusers config: the default architecture of single files.
 SD_VAE_CONFIG: dict[str, Any] = {
@@ -33,48 +48,180 @@ SD_VAE_CONFIG: dict[str, Any] = {
     'scaling_factor': 0.18215,
 }
 
+log = logging.getLogger(__name__)
+
 _SINGLE_FILE_SUFFIXES = ('.ckpt', '.safetensors', '.pt', '.pth', '.bin')
+
+_NUMPY_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+# Non-tensor objects a Composer checkpoint pickles (timestamps, version strings, numpy RNG state).
+# Allowing exactly these keeps `weights_only=True`: loading a file never runs arbitrary code.
+_CHECKPOINT_SAFE_GLOBALS = [
+    datetime.timedelta,
+    torch.torch_version.TorchVersion,
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    type(np.dtype(np.float64)),
+    _NUMPY_RECONSTRUCT,
+    (_NUMPY_RECONSTRUCT, 'numpy.core.multiarray._reconstruct'),  # its name in files written by numpy 1
+]
 
 
 class AutoencoderLoadError(RuntimeError):
     """The autoencoder could not be loaded; the message says why and what to do."""
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a torch pickle (a Lightning ``state_dict`` is unwrapped)."""
+def read_checkpoint_file(path: str | os.PathLike) -> Any:
+    """The object stored in a ``.safetensors`` file or a torch pickle, loaded without running pickled code.
+
+    Args:
+        path: the file.
+
+    Raises:
+        AutoencoderLoadError: the file is truncated, corrupt, or not a checkpoint.
+    """
     path = Path(path)
     try:
         if path.suffix == '.safetensors':
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(_CHECKPOINT_SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:  # truncated or foreign files raise many different types
-        raise AutoencoderLoadError(f'{path} is not a readable checkpoint file ({type(error).__name__}: {error}).')
-    if isinstance(state, Mapping) and isinstance(state.get('state_dict'), Mapping):
-        state = state['state_dict']
-    if not isinstance(state, Mapping):
-        raise AutoencoderLoadError(f'{path} holds a {type(state).__name__}, not a state dict.')
-    return dict(state)
-
-
-def _load_single_file(path: Path, config: Mapping[str, Any] | None) -> AutoencoderKL:
-    config = dict(SD_VAE_CONFIG if config is None else config)
-    state = load_state_dict_file(path)
-    if any(k.startswith(('encoder.down_blocks.', 'decoder.up_blocks.')) for k in state):
-        converted = state  # already diffusers-named (e.g. a bare diffusers state dict)
-    else:
-        converted = convert_ldm_vae_checkpoint(state, config)
-    vae = AutoencoderKL.from_config(config)
-    missing, unexpected = vae.load_state_dict(converted, strict=False)
-    if missing or unexpected:
         raise AutoencoderLoadError(
-            f'{path} does not match the autoencoder architecture '
-            f'(block_out_channels={config.get("block_out_channels")}): '
-            f'missing keys {sorted(missing)}; unexpected keys {sorted(unexpected)}. '
-            'Pass the matching diffusers config alongside the file.',
+            f'{path} is not a readable checkpoint file: it may be truncated (an interrupted download or copy) '
+            f'or not a checkpoint at all ({type(error).__name__}: {str(error).splitlines()[0][:300]}).',
+        ) from error
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a torch pickle (a Lightning ``state_dict`` is unwrapped).
+
+    Args:
+        path: the file.
+
+    Raises:
+        AutoencoderLoadError: unreadable file, or one that holds no state dict.
+    """
+    return _state_dict_of(read_checkpoint_file(path), path)
+
+
+def _state_dict_of(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and isinstance(obj.get('state_dict'), Mapping):
+        obj = obj['state_dict']
+    if not isinstance(obj, Mapping):
+        raise AutoencoderLoadError(f'{path} holds a {type(obj).__name__}, not a state dict.')
+    return dict(obj)
+
+
+def resolve_config(
+    config: Mapping[str, Any] | str | os.PathLike,
+    subfolder: str | None = None,
+    revision: str | None = None,
+) -> dict[str, Any]:
+    """A diffusers ``AutoencoderKL`` config from a dict, a ``config.json``, a diffusers folder or a hub id.
+
+    Args:
+        config: the dict itself, or where to read it.
+        subfolder: subfolder of the folder or hub repo, e.g. ``'vae'``. Default: ``None``.
+        revision: hub revision. Default: ``None``.
+    """
+    if isinstance(config, Mapping):
+        return dict(config)
+    kwargs = {k: v for k, v in {'subfolder': subfolder, 'revision': revision}.items() if v is not None}
+    return dict(AutoencoderKL.load_config(str(config), **kwargs))
+
+
+def _build(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], what: str) -> AutoencoderKL:
+    vae = AutoencoderKL.from_config(dict(config))
+    expected = vae.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f'{k}: {tuple(state[k].shape)} in file, {tuple(expected[k].shape)} in model'
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+        raise AutoencoderLoadError(
+            f'{what} does not match the autoencoder architecture (block_out_channels='
+            f'{config.get("block_out_channels")}): missing keys {format_keys(missing)}; unexpected keys '
+            f'{format_keys(unexpected)}; wrong shapes {format_keys(wrong_shape)}. Pass the matching diffusers '
+            'config alongside the file.',
         )
+    vae.load_state_dict(state, strict=True)
     return vae
+
+
+def _default_config(
+    config: Mapping[str, Any] | str | os.PathLike | None,
+    subfolder: str | None,
+    recorded: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    if config is not None:
+        return resolve_config(config, subfolder)
+    return dict(recorded if recorded is not None else SD_VAE_CONFIG)
+
+
+def load_composer_checkpoint(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    config: Mapping[str, Any] | str | os.PathLike | None = None,
+    subfolder: str | None = None,
+    ema: bool = True,
+) -> tuple[AutoencoderKL, str]:
+    """The autoencoder of a Composer checkpoint of this project, and which weights it got.
+
+    The architecture is, in order: ``config`` when given; the config the run recorded in the
+    checkpoint (``AutoencoderConfigRecorder``); ``SD_VAE_CONFIG``. Whichever it is, the weights must
+    match it key for key and shape for shape.
+
+    Args:
+        checkpoint: the file, or its loaded contents.
+        config: a diffusers config dict, or a ``config.json``, diffusers folder or hub id (e.g. the
+            base VAE the run fine-tuned). Default: ``None``.
+        subfolder: subfolder of ``config``'s folder or hub repo. Default: ``None``.
+        ema: the EMA weights when the run used Composer's ``EMA``. Default: ``True``.
+
+    Returns:
+        ``(vae, 'EMA' | 'raw')``.
+
+    Raises:
+        AutoencoderLoadError: unreadable file, not a Composer checkpoint of this project, or weights
+            that do not match the architecture (keys and shapes listed).
+    """
+    obj = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint_file(checkpoint)
+    if not is_composer_checkpoint(obj):
+        raise AutoencoderLoadError(f'{checkpoint} is not a Composer checkpoint with an autoencoder.vae model.')
+    state, which = composer_vae_state(obj, ema=ema)
+    name = 'Composer checkpoint' if isinstance(checkpoint, Mapping) else str(checkpoint)
+    vae = _build(state, _default_config(config, subfolder, recorded_vae_config(obj)), name)
+    log.info('loaded the %s weights of %s', which, name)
+    return vae, which
+
+
+def _load_single_file(
+    path: Path,
+    config: Mapping[str, Any] | str | os.PathLike | None,
+    subfolder: str | None,
+    ema: bool,
+) -> AutoencoderKL:
+    obj = read_checkpoint_file(path)
+    if is_composer_checkpoint(obj):
+        return load_composer_checkpoint(obj, config, subfolder, ema)[0]
+    resolved = _default_config(config, subfolder)
+    state = _state_dict_of(obj, path)
+    if not is_diffusers_state_dict(state):
+        try:
+            state = ldm_to_diffusers(state, resolved)
+        except KeyMismatchError as error:
+            raise AutoencoderLoadError(
+                f'{path}: {error} Pass the matching diffusers config alongside the file.',
+            ) from None
+    return _build(state, resolved, str(path))
+
+
+def _hub_offline() -> bool:
+    return os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
 
 
 def _load_pretrained(source: str, subfolder: str | None, revision: str | None) -> AutoencoderKL:
@@ -85,18 +232,18 @@ def _load_pretrained(source: str, subfolder: str | None, revision: str | None) -
         return AutoencoderKL.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass
-    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes'):
+    if _hub_offline():
         raise AutoencoderLoadError(
             f'{source!r} (subfolder={subfolder!r}) is not in the Hugging Face cache and HF_HUB_OFFLINE is set. '
-            'Pass a local diffusers folder or checkpoint file instead.',
+            'Pass a local path instead: a diffusers folder or an LDM .ckpt/.safetensors file.',
         )
     try:
         return AutoencoderKL.from_pretrained(source, **kwargs)
     except Exception as error:
         raise AutoencoderLoadError(
             f'could not load {source!r} (subfolder={subfolder!r}): it is not a local path, not in the Hugging Face '
-            f'cache, and downloading failed ({type(error).__name__}). Offline, pass a local diffusers folder '
-            'or an LDM .ckpt/.safetensors file.',
+            f'cache, and downloading failed ({type(error).__name__}). Offline, pass a local path instead: a '
+            'diffusers folder or an LDM .ckpt/.safetensors file.',
         ) from error
 
 
@@ -104,32 +251,38 @@ def load_autoencoder(
     source: str | os.PathLike | Mapping[str, Any],
     subfolder: str | None = None,
     revision: str | None = None,
-    config: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | str | os.PathLike | None = None,
+    ema: bool = True,
 ) -> AutoencoderKL:
     """Load or build an ``AutoencoderKL``.
 
     Args:
-        source: a diffusers config dict (builds a new model), a local diffusers folder, a
-            checkpoint file (LDM ``model.ckpt`` with or without ``first_stage_model.``, a
-            ``.safetensors`` or a bare state dict), or a hub id such as
-            ``'CompVis/stable-diffusion-v1-4'``.
-        subfolder (str, optional): subfolder of a diffusers folder or hub repo, e.g. ``'vae'``.
-        revision (str, optional): hub revision.
-        config (Mapping, optional): diffusers config of a single checkpoint file's architecture.
-            Default: ``SD_VAE_CONFIG``.
+        source: a diffusers config dict (builds a new model); a local diffusers folder; a hub id
+            such as ``'stabilityai/sd-vae-ft-ema'``; a single file: LDM ``model.ckpt`` (Lightning
+            checkpoint, keys with or without ``first_stage_model.``; its ``loss.*`` keys are
+            ignored), ``.safetensors``, a bare LDM or diffusers state dict; or a Composer checkpoint
+            of this project.
+        subfolder: subfolder of a diffusers folder or hub repo (or of ``config`` when that is a
+            folder or hub id), e.g. ``'vae'``. Default: ``None``.
+        revision: hub revision. Default: ``None``.
+        config: architecture of a single file: a diffusers config dict, or a ``config.json``,
+            diffusers folder or hub id to read it from. Default: for a Composer checkpoint, the
+            config it recorded (``AutoencoderConfigRecorder``); otherwise ``SD_VAE_CONFIG``.
+        ema: for a Composer checkpoint of a run with ``EMA``, load the EMA weights (``False``: the
+            raw training weights). Default: ``True``.
 
     Raises:
-        AutoencoderLoadError: unreadable file, mismatched keys (listed), or a hub id that is neither
-            cached nor downloadable.
+        AutoencoderLoadError: unreadable or truncated file, missing/unexpected keys (listed), or a
+            hub id that is neither cached nor downloadable.
         FileNotFoundError: a path that looks local but does not exist.
     """
     if isinstance(source, Mapping):
         return AutoencoderKL.from_config(dict(source))
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.suffix in _SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f'autoencoder checkpoint file {path} does not exist.')
-        return _load_single_file(path, config)
-    if str(source).startswith(('.', '/', '~')) and not path.expanduser().exists():
+        return _load_single_file(path, config, subfolder, ema)
+    if str(source).startswith(('.', '/', '~')) and not path.exists():
         raise FileNotFoundError(f'autoencoder folder {path} does not exist.')
-    return _load_pretrained(str(path.expanduser()) if path.expanduser().exists() else str(source), subfolder, revision)
+    return _load_pretrained(str(path) if path.exists() else str(source), subfolder, revision)

@@ -20,8 +20,8 @@ from eqvae_composer.evaluation.metrics import (
     equivariance_errors,
     eval_transforms,
 )
-from eqvae_composer.models.lpips import lpips_distance
 from eqvae_composer.models.loss import VAEGANLoss
+from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['AutoencoderKLForward', 'ComposerAutoencoderKL', 'EVAL_METRICS']
 
@@ -52,16 +52,33 @@ class AutoencoderKLForward(nn.Module):
     def _record_last_layer_input(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._last_layer_inputs.append(args[0])
 
-    def forward(self, images: torch.Tensor, sample_posterior: bool = True, decode: bool = True) -> dict[str, Any]:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        sample_posterior: bool = True,
+        decode: bool = True,
+        latents: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
         """Encode ``images``; with ``decode``, also reconstruct from a posterior sample (or the mode).
 
+        Args:
+            images (Tensor, optional): images in [-1, 1] to encode.
+            sample_posterior (bool): decode a posterior sample; ``False`` decodes the mode.
+            decode (bool): also decode.
+            latents (Tensor, optional): instead of ``images``, a latent to decode (e.g. tau(z) for
+                a visualisation); decoding it here keeps FSDP's parameter gathering in force.
+
         Returns:
-            dict: ``posterior`` (DiagonalGaussianDistribution), ``latents`` (the decoded z), and with
-            ``decode``: ``reconstruction`` and ``last_layer_input``.
+            dict: ``posterior`` (DiagonalGaussianDistribution) and ``latents`` (the decoded z) when
+            encoding, and with ``decode``: ``reconstruction`` and ``last_layer_input``.
         """
-        posterior = self.vae.encode(images).latent_dist
-        latents = posterior.sample() if sample_posterior else posterior.mode()
-        outputs: dict[str, Any] = {'posterior': posterior, 'latents': latents}
+        outputs: dict[str, Any] = {}
+        if latents is None:
+            if images is None:
+                raise ValueError('AutoencoderKLForward needs images or latents.')
+            posterior = self.vae.encode(images).latent_dist
+            latents = posterior.sample() if sample_posterior else posterior.mode()
+            outputs = {'posterior': posterior, 'latents': latents}
         if decode:
             self._last_layer_inputs = []
             outputs['reconstruction'] = self.vae.decode(latents).sample
@@ -81,6 +98,9 @@ class ComposerAutoencoderKL(ComposerModel):
         vae (AutoencoderKL): the autoencoder (see ``eqvae_composer.checkpoints.load_autoencoder``).
         loss (VAEGANLoss, optional): the objective. Default: ``VAEGANLoss(lpips_weight=0)``.
         image_key (str): batch key of the images, in [-1, 1]. Default: ``'image'``.
+        sample_posterior (bool): train on a posterior sample z ~ q(z|x), as the reference;
+            ``False`` decodes the mean (deterministic, for ablations and exact-equality tests).
+            Default: ``True``.
         eval_sample_posterior (bool): reconstruct from a posterior sample at evaluation (the
             paper's protocol); ``False`` uses the mode. Default: ``True``.
         eval_metrics (Sequence[str]): names from ``EVAL_METRICS``. Default: PSNR, SSIM and both
@@ -94,6 +114,7 @@ class ComposerAutoencoderKL(ComposerModel):
         vae: AutoencoderKL,
         loss: VAEGANLoss | None = None,
         image_key: str = 'image',
+        sample_posterior: bool = True,
         eval_sample_posterior: bool = True,
         eval_metrics: Sequence[str] = ('PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS'),
         lpips_metric: nn.Module | None = None,
@@ -105,6 +126,7 @@ class ComposerAutoencoderKL(ComposerModel):
         self.autoencoder = AutoencoderKLForward(vae)
         self.loss_fn = loss if loss is not None else VAEGANLoss(lpips_weight=0.0)
         self.image_key = image_key
+        self.sample_posterior = sample_posterior
         self.eval_sample_posterior = eval_sample_posterior
         self.eval_metric_names = tuple(eval_metrics)
         object.__setattr__(self, '_lpips_metric_net', lpips_metric or self.loss_fn.lpips)
@@ -142,7 +164,7 @@ class ComposerAutoencoderKL(ComposerModel):
         return groups
 
     def forward(self, batch: Any) -> dict[str, Any]:
-        return self.autoencoder(batch[self.image_key], sample_posterior=True)
+        return self.autoencoder(batch[self.image_key], sample_posterior=self.sample_posterior)
 
     def loss(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
         return self.loss_fn(

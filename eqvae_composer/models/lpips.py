@@ -8,7 +8,6 @@ offline machine fails fast with the file name instead of downloading or using ra
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable
 
 import lpips

@@ -231,7 +231,8 @@ class EquivarianceAlgorithm(Algorithm):
         if not self._armed:
             return None
         self._hook_calls += 1
-        return (apply_to_latent(args[0], self._transform, **self._resize_kw), *args[1:])
+        # contiguous: rot90 returns a strided view, which would give the decoder odd-strided gradients
+        return (apply_to_latent(args[0], self._transform, **self._resize_kw).contiguous(), *args[1:])
 
     def _check_hook_ran(self) -> None:
         if self._armed and self._hook_calls == 0:

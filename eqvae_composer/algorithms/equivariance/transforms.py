@@ -73,7 +73,9 @@ def scaled_size(size: Sequence[int], scale_h: float, scale_w: float) -> tuple[in
     return max(1, math.floor(height * scale_h + 1e-6)), max(1, math.floor(width * scale_w + 1e-6))
 
 
-def resize(x: torch.Tensor, size: Sequence[int], interpolation: str = 'bilinear', antialias: bool = False) -> torch.Tensor:
+def resize(
+    x: torch.Tensor, size: Sequence[int], interpolation: str = 'bilinear', antialias: bool = False,
+) -> torch.Tensor:
     """Resize the last two dims of ``x`` to ``size`` (a no-op when the size already matches)."""
     size = (int(size[0]), int(size[1]))
     if tuple(x.shape[-2:]) == size:

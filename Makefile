@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test` (each installs everything first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+# composer's launcher; -n 1 because on a CPU-only machine there is no GPU count to default to.
+COMPOSER := $(VENV)/bin/composer -n 1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint experiment clean
+
+# Exact pins (requirements/constraints.txt) keep pip's resolver from backtracking for minutes.
+$(INSTALLED): setup.py requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(INSTALLED)
+
+demo: install
+	$(PY) convert_dataset.py --out mds/
+	$(COMPOSER) train.py yamls/demo.yaml
+	@echo "Fine-tuned VAE (diffusers format): runs/demo/vae/   eval metrics: runs/demo/metrics.json"
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything but the multi-process and slow tests: the inner loop while developing.
+test-fast: install
+	$(PY) -m pytest -m 'not slow and not multiprocess' $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+experiment: install
+	$(PY) scripts/replicate.py
+
+clean:
+	rm -rf mds runs .pytest_cache

@@ -1,0 +1,172 @@
+"""The autoencoder inside this project's Composer checkpoints and Trainers: its weights (EMA or raw) and config.
+
+Where things are in a Composer checkpoint (``torch.load(path)['state']``):
+
+* ``state['model']``: ``ComposerAutoencoderKL.state_dict()``; the VAE is under ``autoencoder.vae.``
+  (the discriminator under ``loss_fn.discriminator.`` is not exported).
+* ``state['algorithms']``: ``[(name, state_dict), ...]``; Composer's ``EMA`` stores
+  ``ema_model = {named_parameters_dict, named_buffers_dict}`` and ``ema_weights_active``. EMA swaps
+  its averages *into* the model before every checkpoint, so with ``ema_weights_active`` the model
+  holds the EMA weights and ``ema_model`` the raw ones; otherwise the other way round.
+* ``state['callbacks'][name]``: callbacks' ``state_dict()``; ``AutoencoderConfigRecorder`` stores the
+  VAE's diffusers config there, so a checkpoint carries its own architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from composer import Callback, State
+from composer.algorithms import EMA
+from diffusers import AutoencoderKL
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+__all__ = [
+    'VAE_PREFIX',
+    'AutoencoderConfigRecorder',
+    'composer_vae_state',
+    'full_vae',
+    'is_composer_checkpoint',
+    'recorded_vae_config',
+    'trained_autoencoder',
+]
+
+#: Where ``ComposerAutoencoderKL`` keeps the diffusers VAE in its state dict.
+VAE_PREFIX = 'autoencoder.vae.'
+# Wrappers that may prefix parameter names (DDP, FSDP, activation checkpointing).
+_WRAPPER_PREFIXES = ('module.', '_fsdp_wrapped_module.', '_checkpoint_wrapped_module.')
+
+
+class AutoencoderConfigRecorder(Callback):
+    """Stores the VAE's diffusers config in every Composer checkpoint (under ``state['callbacks']``).
+
+    Add it to the Trainer's callbacks; ``load_autoencoder`` and ``scripts/export.py`` then need no
+    config beside the checkpoint. The config is read from the model at ``state_dict()`` time, so it
+    is always the one actually trained.
+    """
+
+    def __init__(self) -> None:
+        self._config: dict[str, Any] | None = None
+
+    def fit_start(self, state: State, logger: Any) -> None:
+        vae = getattr(_unwrap(state.model), 'vae', None)
+        self._config = None if vae is None else dict(vae.config)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._config is None else {'vae_config': self._config}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._config = state.get('vae_config', self._config)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, 'module') and not hasattr(model, 'autoencoder') else model
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, '')
+    return name
+
+
+def _vae_part(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    cleaned = {_clean_name(k): v for k, v in named.items()}
+    return {k[len(VAE_PREFIX):]: v for k, v in cleaned.items() if k.startswith(VAE_PREFIX)}
+
+
+def is_composer_checkpoint(obj: Any) -> bool:
+    """Whether ``obj`` (a loaded file) is a Composer checkpoint holding this project's autoencoder."""
+    model = obj.get('state', {}).get('model') if isinstance(obj, Mapping) else None
+    return isinstance(model, Mapping) and any(_clean_name(k).startswith(VAE_PREFIX) for k in model)
+
+
+def _ema_state(algorithms: Any) -> Mapping[str, Any] | None:
+    for name, algorithm_state in algorithms or ():
+        if name == EMA.__name__ and algorithm_state.get('ema_model'):
+            return algorithm_state
+    return None
+
+
+def composer_vae_state(checkpoint: Mapping[str, Any], ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The diffusers-named VAE tensors of a Composer checkpoint, and which weights they are.
+
+    Args:
+        checkpoint: ``torch.load`` of a Composer checkpoint file.
+        ema: the EMA weights when the run used Composer's ``EMA``; ``False`` gives the raw
+            (training) weights. Without EMA both give the raw weights. Default: ``True``.
+
+    Returns:
+        ``(state_dict, 'EMA' | 'raw')``.
+    """
+    state = checkpoint['state']
+    return _select(state['model'], _ema_state(state.get('algorithms')), ema)
+
+
+def _select(
+    model_state: Mapping[str, torch.Tensor],
+    ema_state: Mapping[str, Any] | None,
+    ema: bool,
+) -> tuple[dict[str, torch.Tensor], str]:
+    vae_state = _vae_part(model_state)
+    if ema_state is None:
+        return vae_state, 'raw'
+    model_holds_ema = bool(ema_state.get('ema_weights_active'))
+    if ema == model_holds_ema:
+        return vae_state, 'EMA' if ema else 'raw'
+    stored = ema_state['ema_model']
+    # EMA averages trainable parameters and copies buffers; anything it lacks is the model's.
+    other = {**_vae_part(stored['named_buffers_dict']), **_vae_part(stored['named_parameters_dict'])}
+    return {**vae_state, **other}, 'EMA' if ema else 'raw'
+
+
+def recorded_vae_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The VAE config ``AutoencoderConfigRecorder`` stored in a Composer checkpoint, if any.
+
+    Args:
+        checkpoint: ``torch.load`` of a Composer checkpoint file.
+    """
+    recorded = checkpoint['state'].get('callbacks', {}).get(AutoencoderConfigRecorder.__name__, {})
+    return recorded.get('vae_config')
+
+
+def _standalone(config: Mapping[str, Any], vae_state: Mapping[str, torch.Tensor]) -> AutoencoderKL:
+    vae = AutoencoderKL.from_config(dict(config))
+    vae.load_state_dict({k: v.detach().to('cpu', copy=True) for k, v in vae_state.items()}, strict=True)
+    return vae
+
+
+def _full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Full (unsharded) tensors on every rank: a VAE is small, and every rank can then build it.
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def full_vae(model: torch.nn.Module) -> AutoencoderKL:
+    """A standalone, full-weight copy of the VAE of a (possibly FSDP/DDP-wrapped) ``ComposerAutoencoderKL``.
+
+    Collective under FSDP (parameters are gathered): call it on every rank.
+
+    Args:
+        model: ``trainer.state.model``.
+    """
+    return _standalone(_unwrap(model).vae.config, _vae_part(_full_model_state(model)))
+
+
+def trained_autoencoder(state: State, ema: bool = True) -> tuple[AutoencoderKL, str]:
+    """Like ``full_vae(state.model)``, with the EMA weights when the Trainer runs Composer's ``EMA``.
+
+    Collective under FSDP: call it on every rank.
+
+    Args:
+        state: ``trainer.state``.
+        ema: the EMA weights when an ``EMA`` algorithm is present; ``False``: the raw training
+            weights. Default: ``True``.
+
+    Returns:
+        ``(vae, 'EMA' | 'raw')``.
+    """
+    algorithm = next((a for a in state.algorithms if isinstance(a, EMA) and a.ema_model is not None), None)
+    ema_state = None if algorithm is None else algorithm.state_dict()
+    vae_state, which = _select(_full_model_state(state.model), ema_state, ema)
+    return _standalone(_unwrap(state.model).vae.config, vae_state), which

@@ -1,0 +1,176 @@
+"""The training/eval image dataset over MDS shards, and its dataloader.
+
+``StreamingDataset`` does the sharding across ranks and workers, the shuffling, the download and
+the mid-epoch resume (Composer checkpoints its position through ``state_dict``). This subclass only
+decodes one image and applies the reference transform.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+
+from eqvae_composer.data.transforms import decode_crop_resize, eval_box, open_image, sample_train_box, to_tensor
+
+__all__ = ['StreamingImageDataset', 'build_image_dataloader', 'check_local_dataset']
+
+
+def check_local_dataset(local: str | None, split: str | None = None) -> None:
+    """Fail early, and helpfully, when a local-only dataset has not been converted yet.
+
+    Args:
+        local: The dataset's local folder.
+        split: Subfolder of ``local`` StreamingDataset will read. Default: ``None``.
+
+    Raises:
+        FileNotFoundError: ``local`` (/``split``) has no ``index.json``.
+    """
+    if local is None:
+        return
+    path = os.path.join(local, split) if split else local
+    if os.path.isfile(os.path.join(path, 'index.json')):
+        return
+    what = 'does not exist' if not os.path.exists(path) else 'has no index.json, so it is not an MDS dataset'
+    # The demo conversion writes <dir>/train and <dir>/val, so point at the parent of a split folder.
+    head, tail = os.path.split(os.path.normpath(path))
+    demo_out = head if tail in ('train', 'val') and head else path
+    raise FileNotFoundError(
+        f'Dataset folder {path} {what}. Run `python convert_dataset.py --out {demo_out}` first to write the '
+        f'demo set there, or `python convert_dataset.py --source folder --input <image folder> --out {path}` '
+        f'for your own images.'
+    )
+
+
+def _as_stream(stream: Stream | Mapping[str, Any]) -> Stream:
+    if isinstance(stream, Stream):
+        return stream
+    return Stream(**stream)
+
+
+class StreamingImageDataset(StreamingDataset):
+    """Images from MDS shards, with the EQ-VAE reference train crop or eval transform.
+
+    Train: a square crop of side ``min_side * U(0.5, 1)`` at a uniformly random position, resized
+    (antialiased bicubic) to ``resolution``. Eval: the shorter side resized to ``resolution``, then
+    a centre crop. JPEGs are decoded at 1/2, 1/4 or 1/8 size when the crop is downsampled by at
+    least that much (keeping >= ``resolution`` pixels across the crop), which is most of the decode
+    cost on large photographs and changes pixels by a fraction of a grey level.
+
+    Crop randomness is a pure function of ``(shuffle_seed, epoch, sample index)``: independent of
+    the worker count and order, and repeated exactly by a resumed run. Pass Composer's seed as
+    ``shuffle_seed`` to tie both the order and the crops to it.
+
+    Args:
+        resolution: Output side in pixels. Default: ``256``.
+        train: Random crop and shuffling (``True``) or the deterministic eval transform. Default: ``True``.
+        image_column: MDS column holding the image (encoded bytes, or a PIL image for ``jpeg``/``png``/
+            ``pil`` columns, e.g. ``x`` from ``streaming.vision.convert.imagenet``). Default: ``'image'``.
+        output_key: Key of the image tensor in each sample. Default: ``'image'``.
+        draft: Allow reduced-size JPEG decoding. Default: ``True``.
+        **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``split``,
+            ``streams``, ``cache_limit``, ``batch_size``, ...). Items of ``streams`` may be dicts of
+            ``Stream`` arguments. Defaults set here: ``shuffle=train``.
+
+    Returns samples ``{output_key: FloatTensor[3, resolution, resolution]}`` with values in [-1, 1].
+    """
+
+    def __init__(
+        self,
+        *,
+        resolution: int = 256,
+        train: bool = True,
+        image_column: str = 'image',
+        output_key: str = 'image',
+        draft: bool = True,
+        **streaming_kwargs: Any,
+    ) -> None:
+        if resolution < 1:
+            raise ValueError(f'resolution must be positive, got {resolution}')
+        streams = streaming_kwargs.get('streams')
+        if streams:
+            streaming_kwargs['streams'] = [_as_stream(s) for s in streams]
+            for stream in streaming_kwargs['streams']:
+                if stream.remote is None:
+                    check_local_dataset(stream.local, stream.split)
+        elif streaming_kwargs.get('remote') is None:
+            check_local_dataset(streaming_kwargs.get('local'), streaming_kwargs.get('split'))
+        streaming_kwargs.setdefault('shuffle', train)
+        super().__init__(**streaming_kwargs)
+        self.resolution = resolution
+        self.train = train
+        self.image_column = image_column
+        self.output_key = output_key
+        self.draft = draft
+
+    def _crop_rng(self, index: int) -> np.random.Generator:
+        # next_epoch is the epoch being iterated plus one (it lives in shared memory, so every
+        # worker agrees); random access outside an epoch counts as epoch 0.
+        epoch = max(self.next_epoch - 1, 0)
+        return np.random.default_rng((self.shuffle_seed, epoch, index))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """Decode sample ``index`` and transform it.
+
+        Args:
+            index: Sample index in the (stream-concatenated) dataset.
+
+        Returns:
+            dict[str, torch.Tensor]: ``{output_key: FloatTensor[3, R, R]}`` in [-1, 1].
+        """
+        sample = super().__getitem__(index)
+        if self.image_column not in sample:
+            raise KeyError(
+                f'Sample {index} has no column {self.image_column!r} (columns: {sorted(sample)}); '
+                f'set image_column to the one that holds the images.'
+            )
+        img = open_image(sample[self.image_column])
+        width, height = img.size
+        box = sample_train_box(width, height, self._crop_rng(index)) if self.train else eval_box(width, height)
+        return {self.output_key: to_tensor(decode_crop_resize(img, box, self.resolution, draft=self.draft))}
+
+
+def build_image_dataloader(
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    drop_last: bool,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    persistent_workers: bool = False,
+    **dataset_kwargs: Any,
+) -> torch.utils.data.DataLoader:
+    """A dataloader over :class:`StreamingImageDataset`.
+
+    No sampler: StreamingDataset partitions samples across ranks and workers itself. The loader is
+    a ``StreamingDataLoader`` (a ``DataLoader``) so that it also has ``state_dict``/``load_state_dict``
+    for mid-epoch resumption outside Composer; Composer uses the dataset's own.
+
+    Args:
+        batch_size: Per-device batch size; also given to the dataset for partitioning.
+        num_workers: Dataloader worker processes. Default: ``0``.
+        drop_last: Drop the last incomplete batch.
+        pin_memory: Pin batches in page-locked memory. Default: ``False``.
+        prefetch_factor: Batches prefetched per worker (only with ``num_workers > 0``).
+            Default: ``None`` (PyTorch's default).
+        persistent_workers: Keep workers between epochs (only with ``num_workers > 0``). Default: ``False``.
+        **dataset_kwargs: :class:`StreamingImageDataset` arguments.
+
+    Returns:
+        torch.utils.data.DataLoader: Batches ``{output_key: FloatTensor[B, 3, R, R]}``.
+
+    Raises:
+        FileNotFoundError: A local-only dataset folder has no ``index.json``.
+    """
+    dataset_kwargs.setdefault('batch_size', batch_size)
+    dataset = StreamingImageDataset(**dataset_kwargs)
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra = {'prefetch_factor': prefetch_factor, 'persistent_workers': persistent_workers}
+    return StreamingDataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory, **extra
+    )

@@ -1,0 +1,142 @@
+"""The reference training crop and eval transform (spec section 4), with reduced-size JPEG decoding.
+
+Both transforms are one ``Image.resize(..., box=...)`` call: cropping and resizing together lets
+PIL's antialiased (support-scaled) filter see exactly the crop, and lets the box be expressed in
+the coordinates of a JPEG decoded at 1/2, 1/4 or 1/8 size by libjpeg's DCT scaling.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eqvae_composer.data.images import JPEG_FORMATS, to_rgb
+
+__all__ = [
+    'Box',
+    'decode_crop_resize',
+    'eval_box',
+    'open_image',
+    'sample_train_box',
+    'to_tensor',
+]
+
+#: A crop in source pixel coordinates: (left, top, right, bottom).
+Box = tuple[float, float, float, float]
+
+# libjpeg can decode at 1/8, 1/4 and 1/2 scale; the output must keep >= `resolution` pixels across
+# the crop, so the crop must be downsampled by at least this much before scaling pays off.
+_MIN_DRAFT_FACTOR = 2
+_RESAMPLE = Image.Resampling.BICUBIC
+
+
+def sample_train_box(width: int, height: int, rng: np.random.Generator) -> Box:
+    """Sample the reference training crop: a square of side ``min_side * U(0.5, 1)`` anywhere.
+
+    Args:
+        width: Source image width.
+        height: Source image height.
+        rng: Source of randomness (two uniform draws for the side and one per axis for the offset).
+
+    Returns:
+        Box: The square crop, integer-valued, inside the image.
+    """
+    short = min(width, height)
+    side = max(1, int(short * rng.uniform(0.5, 1.0)))
+    left = int(rng.integers(0, width - side + 1))
+    top = int(rng.integers(0, height - side + 1))
+    return (left, top, left + side, top + side)
+
+
+def eval_box(width: int, height: int) -> Box:
+    """The centred square of side ``min(width, height)``.
+
+    Resizing this box to ``resolution`` equals "resize the shorter side to ``resolution``, then
+    centre crop", without the intermediate rounding of the longer side.
+
+    Args:
+        width: Source image width.
+        height: Source image height.
+
+    Returns:
+        Box: The centred square crop.
+    """
+    short = min(width, height)
+    left = (width - short) / 2
+    top = (height - short) / 2
+    return (left, top, left + short, top + short)
+
+
+def open_image(obj: bytes | Image.Image) -> Image.Image:
+    """Open an image column value lazily (header only), whether bytes or an already-open image.
+
+    MDS ``bytes`` columns give bytes; ``jpeg``/``png`` columns (e.g. ``x`` from
+    ``streaming.vision.convert.imagenet``) give a lazily opened PIL image; ``pil`` gives a decoded one.
+
+    Args:
+        obj: Encoded image bytes or a PIL image.
+
+    Returns:
+        Image.Image: The image, not yet decoded when it came as bytes.
+    """
+    if isinstance(obj, Image.Image):
+        return obj
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(obj))
+    raise TypeError(f'Expected encoded image bytes or a PIL image in the image column, got {type(obj).__name__}.')
+
+
+def _draft_scale(img: Image.Image, box: Box, resolution: int) -> int:
+    """Largest DCT scale (1, 2, 4, 8) that keeps at least ``resolution`` pixels across the crop."""
+    if img.format not in JPEG_FORMATS or getattr(img, 'tile', None) is None or len(img.tile) != 1:
+        return 1  # not a JPEG, or already decoded: draft would do nothing
+    factor = min(box[2] - box[0], box[3] - box[1]) / resolution
+    if factor < _MIN_DRAFT_FACTOR:
+        return 1
+    for scale in (8, 4, 2):
+        if factor >= scale:
+            return scale
+    return 1
+
+
+def decode_crop_resize(img: Image.Image, box: Box, resolution: int, *, draft: bool = True) -> Image.Image:
+    """Decode ``img``, crop ``box`` and resize it to ``resolution`` x ``resolution`` RGB.
+
+    Args:
+        img: A lazily opened image (see :func:`open_image`).
+        box: Crop in the image's full-size pixel coordinates.
+        resolution: Output side in pixels.
+        draft: Decode JPEGs at reduced size when the crop is downsampled by 2x or more, keeping at
+            least ``resolution`` pixels across the crop. Default: ``True``.
+
+    Returns:
+        Image.Image: The ``RGB`` crop of size ``(resolution, resolution)``.
+    """
+    scale = _draft_scale(img, box, resolution) if draft else 1
+    if scale > 1:
+        width, height = img.size
+        # Request 1/scale; PIL picks the largest libjpeg scale that still covers that size and
+        # returns the full image's extent in decoded pixels (img.size is that, rounded up).
+        drafted = img.draft('RGB', (width // scale, height // scale))
+        if drafted is not None:
+            _, extent = drafted
+            sx, sy = extent[2] / width, extent[3] / height
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    rgb = to_rgb(img)
+    return rgb.resize((resolution, resolution), _RESAMPLE, box=box)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor ``[3, H, W]`` in ``[-1, 1]``.
+
+    Args:
+        img: An ``RGB`` image.
+
+    Returns:
+        torch.Tensor: ``float32`` pixels scaled by ``x / 127.5 - 1``.
+    """
+    array = np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)

@@ -1,0 +1,262 @@
+"""The evaluation protocol (spec section 5) as one function: a VAE and a dataset in, a dict of numbers out.
+
+Each rank evaluates its own shard of the first N images; every metric is a torchmetrics ``Metric``
+whose states are summed or concatenated across ranks at ``compute``, and posterior noise is seeded
+per image index, so 1 process and W processes give the same numbers up to float summation order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from composer.utils import dist
+from diffusers import AutoencoderKL
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics import Metric
+from tqdm.auto import tqdm
+
+from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
+from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
+from eqvae_composer.evaluation.datasets import IndexedDataset, dataset_size, rank_shard
+from eqvae_composer.evaluation.fid import ReconstructionFID
+from eqvae_composer.evaluation.intrinsic_dim import LatentIntrinsicDimension
+from eqvae_composer.evaluation.metrics import (
+    EVAL_ROTATIONS,
+    EVAL_SCALES,
+    MeanPerImage,
+    ReconstructionPSNR,
+    ReconstructionSSIM,
+    equivariance_errors,
+)
+from eqvae_composer.models.lpips import lpips_distance
+
+__all__ = ['ALL_METRICS', 'DEFAULT_METRICS', 'EvalProtocol', 'evaluate', 'posterior_noise']
+
+#: What ``evaluate`` can measure; ``rfid`` and ``lpips`` need pretrained weights.
+ALL_METRICS = ('rfid', 'psnr', 'ssim', 'lpips', 'equivariance', 'intrinsic_dim')
+DEFAULT_METRICS = ('rfid', 'psnr', 'ssim', 'lpips', 'equivariance')
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How the numbers are measured; recorded verbatim in the results.
+
+    Args:
+        resolution (int): images are resized (shorter side) to this and centre-cropped. Default: ``256``.
+        sample_posterior (bool): reconstruct from z ~ q(z|x) (the paper) or from its mode. Default: ``True``.
+        seed (int): seeds each image's posterior noise together with its index. Default: ``0``.
+        rotations (tuple[int, ...]): quarter turns of the rotation equivariance error. Default: 1, 2, 3.
+        scales (tuple[float, ...]): scales of the scale equivariance error and of the per-scale
+            reconstruction metrics. Default: 0.25, 0.5, 0.75.
+        interpolation (str): resize mode of tau, as in training. Default: ``'bilinear'``.
+    """
+
+    resolution: int = 256
+    sample_posterior: bool = True
+    seed: int = 0
+    rotations: tuple[int, ...] = EVAL_ROTATIONS
+    scales: tuple[float, ...] = EVAL_SCALES
+    interpolation: str = 'bilinear'
+
+    def describe(self) -> dict[str, Any]:
+        """The protocol as JSON-ready values, with the fixed parts spelled out."""
+        return {
+            **asdict(self),
+            'rotations_degrees': [90 * k for k in self.rotations],
+            'preprocessing': f'resize shorter side to {self.resolution} (antialiased bicubic), center crop',
+            'reconstruction_latent': 'posterior sample' if self.sample_posterior else 'posterior mode',
+            'quantization': 'reconstructions and references rounded to uint8 before PSNR, SSIM and FID',
+            'ssim': 'torchmetrics SSIM on [0, 1] images (gaussian kernel 11, sigma 1.5)',
+            'psnr': 'per image on [0, 1] images, averaged over images',
+            'fid': 'torchmetrics FID, Inception-v3 2048-d pool features, statistics summed over ranks',
+            'equivariance_error': '||tau(E(x)) - E(tau(x))||^2 / ||E(tau(x))||^2 with E = posterior mode, '
+            'averaged over images per transform; R and S average the rotation / scale transforms',
+            'scaled_reconstruction': 'D(tau(z)) against tau(x) per scale, z as for reconstruction',
+            'intrinsic_dim': 'TwoNN (Facco et al. 2017, 10% largest ratios discarded) on flattened posterior modes',
+        }
+
+
+def posterior_noise(indices: Sequence[int], shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Standard normal noise for each image, a function of ``(seed, index)`` only (not of batch or rank).
+
+    Args:
+        indices (Sequence[int]): dataset indices of the batch's images.
+        shape (Sequence[int]): one image's latent shape ``(C, h, w)``.
+        seed (int): the protocol's seed.
+    """
+    # numpy's seed sequence mixes (seed, index) fully; torch.Generator would keep only 32 bits of one int.
+    noise = [np.random.default_rng((seed, int(i))).standard_normal(tuple(shape), dtype=np.float32) for i in indices]
+    return torch.from_numpy(np.stack(noise))
+
+
+def _transform_name(tau: SpatialTransform) -> str:
+    return f'rot{90 * tau.quarter_turns}' if tau.quarter_turns else f'scale{tau.scale_h:g}'
+
+
+class _Metrics:
+    """The metric objects one evaluation needs, keyed by their result name."""
+
+    def __init__(
+        self,
+        metrics: Sequence[str],
+        protocol: EvalProtocol,
+        inception: nn.Module | None,
+        device: torch.device,
+    ) -> None:
+        self.rotations = [SpatialTransform(quarter_turns=k) for k in protocol.rotations]
+        self.scales = [SpatialTransform(s, s) for s in protocol.scales]
+        self.equivariance = 'equivariance' in metrics
+        table: dict[str, Metric] = {}
+        if 'rfid' in metrics:
+            table['rfid'] = ReconstructionFID(inception)
+        if 'psnr' in metrics:
+            table['psnr'] = ReconstructionPSNR()
+        if 'ssim' in metrics:
+            table['ssim'] = ReconstructionSSIM()
+        if 'lpips' in metrics:
+            table['lpips'] = MeanPerImage()
+        if 'equivariance' in metrics:
+            for tau in self.rotations + self.scales:
+                table[f'equivariance_error/{_transform_name(tau)}'] = MeanPerImage()
+            for tau in self.scales:
+                table[f'scaled_psnr/{tau.scale_h:g}'] = ReconstructionPSNR()
+                if 'rfid' in metrics:  # one Inception shared by all FIDs
+                    table[f'scaled_rfid/{tau.scale_h:g}'] = ReconstructionFID(inception)
+        if 'intrinsic_dim' in metrics:
+            table['intrinsic_dim'] = LatentIntrinsicDimension()
+        self.table = {name: metric.to(device) for name, metric in table.items()}
+
+    def compute(self) -> dict[str, float]:
+        results = {name: float(metric.compute()) for name, metric in self.table.items()}
+        for kind, taus in (('R', self.rotations), ('S', self.scales)):
+            names = [f'equivariance_error/{_transform_name(tau)}' for tau in taus]
+            if names and all(name in results for name in names):
+                # Every transform sees every image, so the mean of per-transform means is the
+                # mean over (image, transform) pairs, as the paper averages.
+                results[f'equivariance_error/{kind}'] = sum(results[name] for name in names) / len(names)
+        return results
+
+
+@torch.no_grad()
+def evaluate(
+    vae: AutoencoderKL,
+    dataset: Dataset,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    protocol: EvalProtocol = EvalProtocol(),
+    num_images: int | None = None,
+    batch_size: int = 16,
+    inception: nn.Module | None = None,
+    lpips_net: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``vae`` on the first ``num_images`` samples of ``dataset``, sharded over the ranks.
+
+    Args:
+        vae (AutoencoderKL): the autoencoder (put in eval mode here).
+        dataset (Dataset): indexable, samples ``{'image': FloatTensor[3, R, R]}`` in [-1, 1]
+            (see ``build_eval_dataset``).
+        metrics (Sequence[str]): names from ``ALL_METRICS``. Default: ``DEFAULT_METRICS``.
+        protocol (EvalProtocol): how to measure. Default: the paper's.
+        num_images (int, optional): evaluate the first N samples. Default: all.
+        batch_size (int): images per forward on each rank. Default: ``16``.
+        inception (nn.Module, optional): FID feature extractor (``load_inception()``); needed for ``rfid``.
+        lpips_net (nn.Module, optional): LPIPS network (``load_lpips()``); needed for ``lpips``.
+        device (torch.device | str, optional): where to compute. Default: the VAE's device.
+        num_workers (int): dataloader worker processes. Default: ``0``.
+        progress (bool): show a progress bar on rank 0. Default: ``True``.
+
+    Returns:
+        dict: ``metrics`` (name -> value), ``num_images``, ``world_size``, ``seconds`` and
+        ``images_per_second`` (all ranks together), and ``protocol`` (``EvalProtocol.describe()``).
+
+    Raises:
+        ValueError: an unknown metric, or ``rfid`` / ``lpips`` without its network.
+    """
+    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    if unknown:
+        raise ValueError(f'unknown metrics {unknown}; choose from {list(ALL_METRICS)}.')
+    if 'rfid' in metrics and inception is None:
+        raise ValueError("the 'rfid' metric needs an Inception network (see load_inception).")
+    if 'lpips' in metrics and lpips_net is None:
+        raise ValueError("the 'lpips' metric needs an LPIPS network (see load_lpips).")
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    vae.to(device).eval()
+    factor = vae_downsample_factor(vae)
+    total = dataset_size(dataset) if num_images is None else min(num_images, dataset_size(dataset))
+    shard = IndexedDataset(dataset, rank_shard(total, dist.get_global_rank(), dist.get_world_size()))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    state = _Metrics(metrics, protocol, inception, device)
+
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc='eval', unit='img', disable=not progress or dist.get_global_rank() != 0)
+    for batch in loader:
+        images = batch['image'].to(device)
+        posterior = vae.encode(images).latent_dist
+        mode = posterior.mode()
+        z = mode
+        if protocol.sample_posterior:
+            noise = posterior_noise(batch['index'].tolist(), mode.shape[1:], protocol.seed).to(device, mode.dtype)
+            z = posterior.mean + posterior.std * noise
+        _update(state, vae, images, z, mode, factor, protocol, lpips_net)
+        bar.update(len(images) * dist.get_world_size())  # rank 0's pace stands for all ranks
+    bar.close()
+    results = state.compute()
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    return {
+        'metrics': results,
+        'num_images': total,
+        'world_size': dist.get_world_size(),
+        'seconds': seconds,
+        'images_per_second': total / seconds if seconds > 0 else float('nan'),
+        'protocol': protocol.describe(),
+    }
+
+
+def _update(
+    state: _Metrics,
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    z: torch.Tensor,
+    mode: torch.Tensor,
+    factor: int,
+    protocol: EvalProtocol,
+    lpips_net: nn.Module | None,
+) -> None:
+    """Feed one batch to every metric in ``state``."""
+    table = state.table
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode(latents).sample
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return vae.encode(x).latent_dist.mode()
+
+    if {'rfid', 'psnr', 'ssim', 'lpips'} & set(table):
+        reconstruction = decode(z)
+        for name in ('rfid', 'psnr', 'ssim'):
+            if name in table:
+                table[name].update(reconstruction, images)
+        if 'lpips' in table:
+            table['lpips'].update(lpips_distance(lpips_net, images, reconstruction))
+    if 'intrinsic_dim' in table:
+        table['intrinsic_dim'].update(mode)
+    taus = state.rotations + state.scales
+    if state.equivariance:
+        errors = equivariance_errors(encode, images, taus, factor, mode, protocol.interpolation)
+        for tau, per_image in zip(taus, errors):
+            table[f'equivariance_error/{_transform_name(tau)}'].update(per_image)
+        for tau in state.scales:
+            target = apply_to_image(images, tau, factor, protocol.interpolation)
+            scaled = decode(apply_to_latent(z, tau, protocol.interpolation))
+            table[f'scaled_psnr/{tau.scale_h:g}'].update(scaled, target)
+            if f'scaled_rfid/{tau.scale_h:g}' in table:
+                table[f'scaled_rfid/{tau.scale_h:g}'].update(scaled, target)

@@ -1,0 +1,94 @@
+"""Evaluate an autoencoder with the paper's protocol: rFID, PSNR, SSIM, LPIPS, latent equivariance error.
+
+    python scripts/eval.py --vae PATH --data MDS_OR_IMAGE_FOLDER --out results.json
+    composer -n 8 scripts/eval.py --vae PATH --data DATA --out results.json   # same numbers, 8x faster
+
+Weights for rFID (Inception) and LPIPS (VGG16) are resolved before anything else is loaded; offline
+and missing, the run stops with the file name and where to put it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+from composer.devices import DeviceCPU, DeviceGPU
+from composer.utils import dist
+
+from eqvae_composer.checkpoints import load_autoencoder
+from eqvae_composer.evaluation import (
+    ALL_METRICS,
+    DEFAULT_METRICS,
+    EvalProtocol,
+    build_eval_dataset,
+    evaluate,
+    format_markdown,
+    load_inception,
+)
+from eqvae_composer.models.lpips import load_lpips
+from eqvae_composer.weights import MissingWeightsError
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--vae', required=True, help='diffusers folder, checkpoint file or hub id')
+    parser.add_argument('--subfolder', default=None, help="subfolder of --vae, e.g. 'vae'")
+    parser.add_argument('--data', required=True, help='MDS folder/URL (with index.json) or an image folder')
+    parser.add_argument('--out', required=True, help='results JSON')
+    parser.add_argument('--metrics', default=','.join(DEFAULT_METRICS), help=f'comma list from {",".join(ALL_METRICS)}')
+    parser.add_argument('--num-images', type=int, default=None, help='first N images (default: all)')
+    parser.add_argument('--batch-size', type=int, default=16, help='per process')
+    parser.add_argument('--resolution', type=int, default=256)
+    latent = parser.add_mutually_exclusive_group()
+    latent.add_argument('--sample', dest='sample', action='store_true', default=True, help='z ~ q(z|x) (default)')
+    latent.add_argument('--mode', dest='sample', action='store_false', help='z = mode of q(z|x)')
+    parser.add_argument('--seed', type=int, default=0, help='seeds the per-image posterior noise')
+    parser.add_argument('--inception-weights', default=None, help='Inception weight file or folder (rFID)')
+    parser.add_argument('--lpips-weights', default=None, help='VGG16 weight file or folder (LPIPS)')
+    parser.add_argument('--device', default=None, help="'cpu' or 'gpu' (default: gpu when available)")
+    parser.add_argument('--num-workers', type=int, default=0)
+    parser.add_argument('--no-progress', action='store_true')
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]
+    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    if unknown:
+        print(f'error: unknown metrics {unknown}; choose from {",".join(ALL_METRICS)}', file=sys.stderr)
+        return 2
+    # Weights first: a missing file must stop the run before the VAE and data are loaded.
+    try:
+        inception = load_inception(args.inception_weights) if 'rfid' in metrics else None
+        lpips_net = load_lpips(args.lpips_weights) if 'lpips' in metrics else None
+    except MissingWeightsError as error:
+        hint = 'Pass the file with --inception-weights / --lpips-weights, or leave rfid/lpips out of --metrics.'
+        print(f'error: {error}\n{hint}', file=sys.stderr)
+        return 1
+    use_gpu = args.device == 'gpu' or (args.device is None and torch.cuda.is_available())
+    device = DeviceGPU() if use_gpu else DeviceCPU()
+    dist.initialize_dist(device)
+    vae = load_autoencoder(args.vae, subfolder=args.subfolder)
+    dataset = build_eval_dataset(args.data, args.resolution)
+    protocol = EvalProtocol(resolution=args.resolution, sample_posterior=args.sample, seed=args.seed)
+    results = evaluate(
+        vae, dataset, metrics, protocol, num_images=args.num_images, batch_size=args.batch_size,
+        inception=inception, lpips_net=lpips_net, device=device._device, num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    if dist.get_global_rank() == 0:
+        results = {'vae': str(args.vae), 'data': str(args.data), **results}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(results, f, indent=2)
+        print(format_markdown(results, name=os.path.basename(os.path.normpath(str(args.vae)))))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

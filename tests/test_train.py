@@ -1,0 +1,125 @@
+"""train.py: config validation (named errors), a short run end to end, and the exported diffusers folder."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from omegaconf import OmegaConf
+from PIL import Image
+from streaming import MDSWriter
+from streaming.base.util import clean_stale_shared_memory
+
+from eqvae_composer.train import ConfigError, load_config, train
+from tests.conftest import tiny_vae_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_mds(folder: Path, count: int, size: int = 48, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    with MDSWriter(out=str(folder), columns={'image': 'bytes', 'key': 'str'}, size_limit=1 << 14) as writer:
+        for i in range(count):
+            pixels = rng.integers(0, 256, size=(size, size + 8, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format='PNG')
+            writer.write({'image': buf.getvalue(), 'key': f'{i}.png'})
+    return folder
+
+
+@pytest.fixture
+def mds(tmp_path):
+    clean_stale_shared_memory()
+    yield write_mds(tmp_path / 'train', 16), write_mds(tmp_path / 'val', 4, seed=1)
+    clean_stale_shared_memory()
+
+
+def run_config(tmp_path, train_dir, val_dir, **overrides):
+    cfg = {
+        'run_name': 'unit',
+        'seed': 5,
+        'model': {
+            'vae': {'config': tiny_vae_config()},
+            'loss': {'lpips_weight': 0.0, 'disc_num_filters': 8, 'disc_num_layers': 1},
+        },
+        'algorithms': {'equivariance': {}},
+        'train_loader': {'dataset': {'local': str(train_dir), 'resolution': 32}},
+        'eval_loader': {'dataset': {'local': str(val_dir), 'resolution': 32}},
+        'global_train_batch_size': 4,
+        'device_eval_batch_size': 4,
+        'max_duration': '2ba',
+        'eval_interval': '2ba',
+        'precision': 'fp32',
+        'export_folder': str(tmp_path / 'run' / 'vae'),
+        'metrics_file': str(tmp_path / 'run' / 'metrics.json'),
+    }
+    return OmegaConf.merge(cfg, OmegaConf.create(overrides))
+
+
+@pytest.mark.parametrize('name', ['demo.yaml', 'eqvae.yaml', 'eqvae-fsdp.yaml'])
+def test_shipped_yamls_are_valid(name):
+    cfg = load_config(REPO / 'yamls' / name)
+    assert 'equivariance' in cfg.algorithms
+    if name != 'demo.yaml':  # the paper's recipe
+        assert cfg.global_train_batch_size == 160 and cfg.device_train_microbatch_size == 10
+        assert cfg.optimizer.lr == pytest.approx(7.2e-4) and cfg.optimizer.betas == [0.5, 0.9]
+        assert cfg.max_duration == '5ep' and cfg.precision == 'amp_bf16' and cfg.autoresume
+        assert cfg.model.vae.pretrained == 'CompVis/stable-diffusion-v1-4' and cfg.model.vae.subfolder == 'vae'
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.learning_rate'"):
+        load_config(REPO / 'yamls' / 'demo.yaml', ['optimizer.learning_rate=0.1'])
+
+
+def test_missing_required_value_is_named(tmp_path):
+    path = tmp_path / 'cfg.yaml'
+    path.write_text('train_loader: {dataset: {local: x}}\nglobal_train_batch_size: 4\n')
+    with pytest.raises(ConfigError, match="missing required config value 'max_duration'"):
+        load_config(path)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match='nope.yaml does not exist'):
+        load_config(tmp_path / 'nope.yaml')
+
+
+def test_missing_data_path_is_named(tmp_path, mds):
+    cfg = run_config(tmp_path, tmp_path / 'missing', mds[1])
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / 'missing')):
+        train(cfg, fit=False)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'global_train_batch_size': 6, 'device_train_microbatch_size': 4}, 'not divisible by device_train_micro'),
+    ({'precision': 'amp_fp16'}, 'fp16 VAEs overflow'),
+    ({'algorithms': {'mixup': {}}}, "unknown algorithms 'mixup'"),
+    ({'algorithms': {'equivariance': {'p_equivariance': 2}}}, 'p_equivariance must be in'),
+    ({'model': {'eval_metrics': ['FID']}}, "unknown eval_metrics"),
+])
+def test_invalid_settings_stop_before_training(tmp_path, mds, overrides, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        train(run_config(tmp_path, *mds, **overrides), fit=False)
+
+
+@pytest.mark.slow
+def test_train_runs_exports_and_writes_metrics(tmp_path, mds):
+    trainer = train(run_config(tmp_path, *mds))
+    assert int(trainer.state.timestamp.batch) == 2
+    metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())['metrics']
+    assert {'PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS'} <= set(metrics)
+    assert all(np.isfinite(v) for v in metrics.values())
+
+    exported = AutoencoderKL.from_pretrained(tmp_path / 'run' / 'vae')
+    trained = trainer.state.model.vae
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = trained.decode(trained.encode(x).latent_dist.mode()).sample
+        got = exported.decode(exported.encode(x).latent_dist.mode()).sample
+    torch.testing.assert_close(got, expected)
+    # ... and it is the trained model, not the initial one.
+    initial = AutoencoderKL.from_config(tiny_vae_config())
+    assert not torch.equal(initial.decoder.conv_out.weight, exported.decoder.conv_out.weight)
