@@ -180,3 +180,26 @@ def test_discriminator_minimum_size_is_exact(layers):
     assert disc(torch.zeros(1, 3, disc.min_input_size, disc.min_input_size)).shape[-1] == 1
     with pytest.raises(ValueError, match=f'at least {disc.min_input_size} px'):
         disc(torch.zeros(1, 3, disc.min_input_size - 1, disc.min_input_size - 1))
+
+
+def test_param_groups_separate_autoencoder_and_discriminator():
+    model = _model()
+    groups = model.param_groups(lr=1e-4, betas=(0.5, 0.9), disc_lr=3e-4, disc_betas=(0.0, 0.99))
+    ae, disc = groups
+    assert (ae['lr'], ae['betas']) == (1e-4, (0.5, 0.9)) and (disc['lr'], disc['betas']) == (3e-4, (0.0, 0.99))
+    disc_ids = {id(p) for p in model.loss_fn.discriminator.parameters()}
+    assert {id(p) for p in disc['params']} == disc_ids
+    assert not disc_ids & {id(p) for p in ae['params']}
+    assert len(ae['params']) + len(disc['params']) == len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_losses_are_fp32_under_bf16_autocast():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model = _model()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outputs = model({'image': x})
+        assert outputs['reconstruction'].dtype == torch.bfloat16  # the networks do run in bf16
+        losses = model.loss(outputs, {'image': x})
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    losses['total'].backward()
+    assert torch.isfinite(model.vae.decoder.conv_out.weight.grad).all()
