@@ -17,30 +17,40 @@ from typing import Any
 
 import torch
 from composer import Trainer
-from composer.algorithms import EMA
+from composer.algorithms import EMA, GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback
 from composer.loggers import FileLogger, LoggerDestination, TensorboardLogger, WandBLogger
-from composer.utils import dist, reproducibility
+from composer.utils import dist, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from eqvae_composer.algorithms import EquivarianceAlgorithm
-from eqvae_composer.callbacks import GlobalStepCallback, ImageGridCallback
+from eqvae_composer.callbacks import (
+    GlobalStepCallback,
+    ImageGridCallback,
+    NaNGuard,
+    RestoreRNGMidEpoch,
+    ResumableCheckpointSaver,
+)
 from eqvae_composer.checkpoints import (
     AutoencoderConfigRecorder,
     export_diffusers,
     load_autoencoder,
     trained_autoencoder,
 )
-from eqvae_composer.data.dataset import build_image_dataloader
+from eqvae_composer.data.dataset import build_image_dataloader, check_local_dataset
 from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss, load_lpips
 
 __all__ = ['ConfigError', 'TrainConfig', 'load_config', 'train', 'train_from_yaml']
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS: dict[str, type[Algorithm]] = {'equivariance': EquivarianceAlgorithm, 'ema': EMA}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    'equivariance': EquivarianceAlgorithm,
+    'ema': EMA,
+    'gradient_clipping': GradientClipping,
+}
 CALLBACKS: dict[str, type[Callback]] = {
     'lr_monitor': LRMonitor,
     'speed_monitor': SpeedMonitor,
@@ -52,6 +62,9 @@ LOGGERS: dict[str, type[LoggerDestination]] = {
     'tensorboard': TensorboardLogger,
     'wandb': WandBLogger,
 }
+# URI schemes Composer can upload checkpoints to (RemoteUploader) and load them from (get_file).
+SAVE_SCHEMES = ('s3', 'gs', 'oci', 'azure', 'libcloud', 'dbfs')
+LOAD_SCHEMES = (*SAVE_SCHEMES, 'http', 'https')
 
 
 class ConfigError(ValueError):
@@ -119,6 +132,15 @@ class OptimizerConfig:
 
 
 @dataclass
+class NaNGuardConfig:
+    """``NaNGuard`` arguments: ``raise`` stops at a non-finite loss term or gradient; ``skip`` drops the step."""
+
+    on_nonfinite: str = 'raise'
+    max_skipped: int = 10
+    check_gradients: bool = True
+
+
+@dataclass
 class TrainConfig:
     """The whole run; see ``yamls/eqvae.yaml`` for the paper's recipe with comments."""
 
@@ -137,6 +159,7 @@ class TrainConfig:
     algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
     callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nan_guard: NaNGuardConfig | None = field(default_factory=NaNGuardConfig)  # null: no checks
     fsdp: dict[str, Any] | None = None
     save_folder: str | None = None
     save_interval: str = '1ep'
@@ -182,8 +205,15 @@ def _instantiate(registry: dict[str, type], section: str, specs: dict[str, dict[
         try:
             objects.append(registry[name](**(kwargs or {})))
         except (TypeError, ValueError) as error:
-            raise ConfigError(f'{section}.{name}: {error}') from None
+            raise ConfigError(f'{_config_key(f"{section}.{name}", kwargs, error)}: {error}') from None
     return objects
+
+
+def _config_key(prefix: str, kwargs: dict[str, Any] | None, error: Exception) -> str:
+    """``prefix.<argument>`` when the error message starts with one of the given arguments' names."""
+    message = str(error)
+    named = [k for k in (kwargs or {}) if message.startswith(str(k))]
+    return f'{prefix}.{max(named, key=len)}' if named else prefix
 
 
 def build_model(cfg: ModelConfig) -> ComposerAutoencoderKL:
@@ -220,6 +250,62 @@ def _check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     return per_device
 
 
+def _check_paths(cfg: TrainConfig) -> None:
+    """Data folders exist (or are remote), checkpoint locations are usable: before anything is loaded."""
+    for name, loader in (('train_loader', cfg.train_loader), ('eval_loader', cfg.eval_loader)):
+        if loader is None:
+            continue
+        dataset = loader.dataset
+        streams = dataset.get('streams') or [dataset]
+        for stream in streams.values() if isinstance(streams, dict) else streams:
+            if stream.get('remote') is None:
+                if stream.get('local') is None:
+                    raise ConfigError(f'{name}.dataset needs `local` (a folder of MDS shards) or `remote` (a URI).')
+                check_local_dataset(stream['local'], stream.get('split'))
+    if cfg.save_folder is not None:
+        scheme = parse_uri(cfg.save_folder)[0]
+        if scheme and scheme not in SAVE_SCHEMES:
+            raise ConfigError(f'save_folder {cfg.save_folder!r}: Composer cannot upload to {scheme}:// '
+                              f'(supported: {", ".join(SAVE_SCHEMES)}, or a local folder).')
+        local = parse_uri(cfg.save_folder)[2] if scheme else cfg.save_folder
+        if local and os.path.exists(local) and not os.path.isdir(local):
+            raise ConfigError(f'save_folder {cfg.save_folder!r} is a file, not a folder.')
+    if cfg.autoresume and (cfg.save_folder is None or not cfg.run_name):
+        raise ConfigError('autoresume needs save_folder (where it looks for the last checkpoint) and a fixed '
+                          'run_name (so a restarted run finds its own checkpoints).')
+    if cfg.save_num_checkpoints_to_keep < -1:
+        raise ConfigError('save_num_checkpoints_to_keep must be -1 (keep all), 0 (none locally) or a positive '
+                          f'count, got {cfg.save_num_checkpoints_to_keep}.')
+    if cfg.load_path is not None:
+        scheme = parse_uri(cfg.load_path)[0]
+        if scheme and scheme not in LOAD_SCHEMES:
+            raise ConfigError(f'load_path {cfg.load_path!r}: Composer cannot download from {scheme}:// '
+                              f'(supported: {", ".join(LOAD_SCHEMES)}, or a local file).')
+        if not scheme and not os.path.exists(cfg.load_path):
+            raise ConfigError(f'load_path {cfg.load_path!r} does not exist.')
+
+
+def _checkpoint_saver(cfg: TrainConfig) -> ResumableCheckpointSaver | None:
+    """The Trainer's own ``CheckpointSaver`` arguments (composer 0.32 ``Trainer.__init__``), crash-consistent."""
+    if cfg.save_folder is None:
+        return None
+    filename, latest = 'ep{epoch}-ba{batch}-rank{rank}.pt', 'latest-rank{rank}.pt'
+    _, _, path = parse_uri(cfg.save_folder)
+    # As the Trainer: a bare bucket URI puts the files at the bucket's root.
+    remote, remote_latest = (filename, latest) if path == '' else (str(Path(path) / filename), str(Path(path) / latest))
+    return ResumableCheckpointSaver(
+        folder=cfg.save_folder,
+        filename=filename,
+        remote_file_name=remote,
+        latest_filename=latest,
+        latest_remote_file_name=remote_latest,
+        overwrite=cfg.save_overwrite,
+        save_interval=cfg.save_interval,
+        num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        autoresume=cfg.autoresume,
+    )
+
+
 def _precision(cfg: TrainConfig) -> str:
     precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
     if precision == 'amp_fp16':
@@ -231,11 +317,20 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     """Build the Trainer for ``cfg``, run it (``fit``), export and write metrics; return the Trainer."""
     if not isinstance(cfg, TrainConfig):
         cfg = _validate(cfg)
-    reproducibility.seed_all(cfg.seed)  # the model's initialisation is part of the run
+    # Cheap checks first: a typo must not cost an SD-VAE load (or a data download).
     per_device_batch = _check_batch_sizes(cfg, dist.get_world_size())
     precision = _precision(cfg)
+    _check_paths(cfg)
+    algorithms = _instantiate(ALGORITHMS, 'algorithms', cfg.algorithms)
+    callbacks = _instantiate(CALLBACKS, 'callbacks', cfg.callbacks)
+    if cfg.nan_guard is not None:
+        try:
+            callbacks.append(NaNGuard(**vars(cfg.nan_guard)))
+        except ValueError as error:
+            raise ConfigError(f'{_config_key("nan_guard", vars(cfg.nan_guard), error)}: {error}') from None
+    loggers = _instantiate(LOGGERS, 'loggers', cfg.loggers)
+    saver = _checkpoint_saver(cfg)
 
-    model = build_model(cfg.model)
     train_loader = build_image_dataloader(
         batch_size=per_device_batch, **_loader_kwargs(cfg.train_loader, train=True, seed=cfg.seed),
     )
@@ -244,6 +339,8 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         eval_loader = build_image_dataloader(
             batch_size=cfg.device_eval_batch_size, **_loader_kwargs(cfg.eval_loader, train=False, seed=cfg.seed),
         )
+    reproducibility.seed_all(cfg.seed)  # the model's initialisation is part of the run
+    model = build_model(cfg.model)
     optimizer = torch.optim.Adam(
         model.param_groups(
             lr=cfg.optimizer.lr,
@@ -266,28 +363,36 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         precision=precision,
         seed=cfg.seed,
         run_name=cfg.run_name,
-        algorithms=_instantiate(ALGORITHMS, 'algorithms', cfg.algorithms),
+        algorithms=algorithms,
         callbacks=[
             GlobalStepCallback(),
             AutoencoderConfigRecorder(),  # lets export and load_autoencoder rebuild the VAE from a checkpoint alone
-            *_instantiate(CALLBACKS, 'callbacks', cfg.callbacks),
+            *callbacks,
+            *([saver] if saver is not None else []),
         ],
-        loggers=_instantiate(LOGGERS, 'loggers', cfg.loggers),
+        loggers=loggers,
         parallelism_config=parallelism,
-        save_folder=cfg.save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
+        save_folder=cfg.save_folder,  # the saver above does the saving; the Trainer reads it for autoresume
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,
         console_log_interval=cfg.console_log_interval,
         progress_bar=cfg.progress_bar,
         log_to_console=not cfg.progress_bar,
     )
+    _restore_rng_mid_epoch(trainer)
     if fit:
         trainer.fit()
         _finish(cfg, trainer)
     return trainer
+
+
+def _restore_rng_mid_epoch(trainer: Trainer) -> None:
+    """Hand the loaded checkpoint's RNG to ``RestoreRNGMidEpoch`` when Composer would drop it (see there)."""
+    rng_state = getattr(trainer, '_rng_state', None)  # what Trainer.__init__ loaded; composer 0.32 internals
+    timestamp, resumption = trainer.state.timestamp, trainer.state.dataset_resumption
+    if rng_state is not None and int(timestamp.batch_in_epoch) > 0 and 'train' in resumption:
+        trainer.state.callbacks.insert(0, RestoreRNGMidEpoch(rng_state))
+        trainer._rng_state = None
 
 
 def _loader_kwargs(loader: LoaderConfig, train: bool, seed: int) -> dict[str, Any]:
