@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['PatchGANDiscriminator']
@@ -40,42 +39,15 @@ class PatchGANDiscriminator(nn.Module):
         # Each stride-2 layer halves the size and the two stride-1 layers take one pixel off each.
         self.min_input_size = 3 * 2**num_layers
 
-    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        """Patch logits for ``x``.
-
-        Args:
-            x (Tensor): images in [-1, 1].
-            frozen (bool): run with detached parameters, so gradients reach ``x`` but not the
-                discriminator. This is how the generator term is computed in the same backward as
-                the discriminator loss. BatchNorm still uses (and updates) batch statistics, as the
-                reference's generator step does.
-        """
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch logits for ``x`` (images in [-1, 1])."""
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(
                 f'the {self.num_layers}-layer discriminator needs images of at least {self.min_input_size} px, got '
                 f'{tuple(x.shape[-2:])}. Under EquivarianceAlgorithm the smallest scale shrinks the training '
                 'resolution: train at a larger resolution, use fewer disc_num_layers or larger scales.',
             )
-        if not frozen:
-            return self.main(x)
-        for layer in self.main:
-            if isinstance(layer, nn.Conv2d):
-                bias = None if layer.bias is None else layer.bias.detach()
-                x = layer._conv_forward(x, layer.weight.detach(), bias)
-            elif isinstance(layer, nn.BatchNorm2d):
-                x = F.batch_norm(
-                    x,
-                    layer.running_mean,
-                    layer.running_var,
-                    layer.weight.detach(),
-                    layer.bias.detach(),
-                    layer.training,
-                    layer.momentum,
-                    layer.eps,
-                )
-            else:
-                x = layer(x)
-        return x
+        return self.main(x)
 
 
 def _reference_init(module: nn.Module) -> None:

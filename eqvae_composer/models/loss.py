@@ -3,10 +3,10 @@
 The reference trains the autoencoder and the discriminator with two optimizers, so Lightning runs
 the model twice per batch. Here both losses come out of one call and one ``backward()``:
 
-* the generator term ``g = -mean(D(x_hat))`` runs the discriminator with detached parameters, so
-  it sends gradients to the autoencoder only;
-* the discriminator's hinge loss runs on detached images, so it sends gradients to the
-  discriminator only;
+* the discriminator runs once on the reconstruction, detached from the autoencoder's graph: the
+  hinge loss on those logits sends gradients to the discriminator only, and the generator term
+  ``g = -mean(D(x_hat))`` reaches the autoencoder only through its gradient with respect to the
+  image (below), never through the discriminator's parameters;
 * the adaptive weight needs the gradients of ``nll`` and ``g`` with respect to the decoder's last
   convolution. Both are computed from the gradients with respect to the reconstruction (one
   backward through LPIPS and one through the discriminator) and the last layer's input; the same
@@ -163,9 +163,13 @@ class VAEGANLoss(nn.Module):
             return terms
 
         factor = self.disc_factor if global_step >= self.disc_start else 0.0
-        g = -self.discriminator(x_hat, frozen=True).mean()
+        # One discriminator forward on the reconstruction serves both losses: it runs on a detached
+        # leaf, so the hinge loss reaches only D's parameters, and g's gradient with respect to the
+        # image is taken from that leaf and routed to the autoencoder through the surrogate below.
+        fake = x_hat.detach().requires_grad_(x_hat.requires_grad)
         logits_real = self.discriminator(x.detach())
-        logits_fake = self.discriminator(x_hat.detach())
+        logits_fake = self.discriminator(fake)
+        g = -logits_fake.mean()
         disc = factor * hinge_discriminator_loss(logits_real, logits_fake)
         terms.update(g=g, disc=disc, disc_factor=x.new_tensor(factor),
                      logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean())
@@ -179,7 +183,7 @@ class VAEGANLoss(nn.Module):
             raise ValueError('the adaptive GAN weight needs the input of the decoder\'s last layer.')
 
         grad_nll = torch.autograd.grad(nll, x_hat, retain_graph=True)[0]
-        grad_g = torch.autograd.grad(g, x_hat, retain_graph=True)[0]
+        grad_g = torch.autograd.grad(g, fake, retain_graph=True)[0]
         d_weight = self._adaptive_weight(grad_nll, grad_g, last_layer, last_layer_input)
         terms['disc_weight'] = d_weight
         value = nll + self.kl_weight * kl + d_weight * factor * g

@@ -1,0 +1,105 @@
+"""The training benchmark compares like with like: its reference-style loop computes our losses and gradients."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eqvae_composer.algorithms.equivariance.transforms import Branch, SpatialTransform
+from tests.test_loss import TinyPerceptual
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'scripts', 'bench_train.py')
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location('bench_train', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['bench_train'] = module  # dataclasses look their module up while the script executes
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def _record_steps(optimizer, into: dict, model) -> None:
+    """Replace ``optimizer.step`` by a copy of its parameters' gradients: the weights stay put."""
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def step():
+        for group in optimizer.param_groups:
+            for p in group['params']:
+                if p.grad is not None:
+                    into[names[id(p)]] = p.grad.clone()
+
+    optimizer.step = step
+
+
+@pytest.mark.parametrize('branch, transform', [
+    (Branch.EQUIVARIANCE, SpatialTransform(0.5, 0.5, 1)),
+    (Branch.EQUIVARIANCE, SpatialTransform(0.75, 0.75, 3)),
+    (Branch.LOW_RES, SpatialTransform(0.5, 0.5)),
+    (Branch.FULL_RES, SpatialTransform()),
+])
+def test_reference_loop_gives_our_losses_and_gradients(monkeypatch, branch, transform):
+    # Both loops see the same transform for every forward (the reference's second forward included)
+    # and decode the posterior mean, so the only difference left is how the step is computed.
+    monkeypatch.setattr(bench, 'draw', lambda step, microbatch=0, p_equivariance=0.5, seed=17: (branch, transform))
+    cfg = bench.BenchConfig(width=8, layers_per_block=1, disc_filters=8, disc_layers=1, batch_size=2, resolution=32)
+    perceptual = TinyPerceptual()
+    images = bench.images_for_step(0, cfg)
+
+    ours = bench.build_model(cfg, perceptual, sample_posterior=False)
+    plain = bench.PlainLoop(ours, cfg, bench._autocast(cfg))
+    ours_grads: dict = {}
+    _record_steps(plain.optimizer, ours_grads, ours)
+    ours_losses = plain.step(0, images)
+
+    reference_model = bench.build_model(cfg, perceptual, sample_posterior=False)
+    reference = bench.ReferenceLoop(reference_model, cfg, bench._autocast(cfg), sample_posterior=False)
+    reference_grads: dict = {}
+    _record_steps(reference.opt_ae, reference_grads, reference_model)
+    _record_steps(reference.opt_disc, reference_grads, reference_model)
+    reference_losses = reference.step(0, images)
+
+    assert reference_losses['disc_weight'].item() > 0  # the adaptive weight is live
+    assert ours_losses['disc_weight'].item() == pytest.approx(reference_losses['disc_weight'].item(), rel=1e-4)
+    total = (reference_losses['ae'] + reference_losses['disc']).item()
+    assert ours_losses['total'].item() == pytest.approx(total, rel=1e-5)
+    for key in ('nll', 'kl', 'g'):
+        assert ours_losses[key].item() == pytest.approx(reference_losses[key].item(), rel=1e-5, abs=1e-7), key
+    assert set(ours_grads) == set(reference_grads)
+    for name, grad in reference_grads.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-3, atol=max(1e-4 * scale, 2e-5), msg=name)
+
+
+def test_draws_follow_the_algorithm_mix():
+    branches = [bench.draw(step)[0] for step in range(400)]
+    assert 0.4 < branches.count(Branch.EQUIVARIANCE) / 400 < 0.6
+    assert all(bench.draw(step) == bench.draw(step) for step in range(5))  # stateless
+
+
+def test_memory_measurement_counts_the_contender(monkeypatch):
+    cfg = bench.BenchConfig(width=8, layers_per_block=1, disc_filters=8, disc_layers=1, resolution=32)
+    monkeypatch.setattr(bench, 'memory_steps', lambda max_steps=8: 1)
+    result = bench.measure_memory('plain', cfg, None)
+    assert result['peak_mib'] > 0 and result['steps'] == 1
+
+
+@pytest.mark.slow
+def test_smoke_run_compares_all_contenders(tmp_path):
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--json', str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'ours/reference' in proc.stdout and 'RANDOM VGG16' in proc.stdout
+    import json
+
+    result = json.loads(out.read_text())['resolutions']['64']
+    assert set(result['median_images_per_second']) == set(bench.CONTENDERS)
+    assert set(result['ratios']) == {'ours/reference', 'ours/ours_eq_off', 'ours/plain'}
