@@ -207,7 +207,9 @@ def test_demo_conversion(tmp_path):
     # Running the same command again finds the output complete and leaves it as it was.
     before = (tmp_path / 'mds' / 'train' / 'index.json').read_bytes()
     again = convert('demo', str(tmp_path / 'mds'), options=QUIET)
-    assert again[0].resumed_parts == 1 and (tmp_path / 'mds' / 'train' / 'index.json').read_bytes() == before
+    # every part of the finished output is resumed (none redone), and nothing is rewritten
+    assert again[0].resumed_parts == -(-7 * 48 // ConvertOptions().part_size) and again[0].processed == 0
+    assert (tmp_path / 'mds' / 'train' / 'index.json').read_bytes() == before
 
 
 @pytest.fixture

@@ -89,7 +89,7 @@ class ConvertOptions:
         hashes: Shard hash algorithms (sorted), for ``validate_hash`` when streaming. Default: none.
         workers: Worker processes. Default: ``None`` (every core this process may use).
         part_size: Input files per part. Fixes the output layout independently of ``workers``.
-            Default: ``1000``.
+            Default: ``250`` (fine enough to keep every worker busy; see docs/BENCHMARKS.md).
         overwrite: Delete an existing output instead of resuming or refusing. Default: ``False``.
         local: Staging folder for a remote output. When set, ``out`` is treated as the remote (a
             URI such as ``s3://bucket/path``, or a plain folder) and finished parts are recorded
@@ -102,7 +102,7 @@ class ConvertOptions:
     compression: str | None = None
     hashes: tuple[str, ...] = ()
     workers: int | None = None
-    part_size: int = 1000
+    part_size: int = 250
     overwrite: bool = False
     local: str | None = None
     progress: bool = True
