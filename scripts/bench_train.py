@@ -50,8 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eqvae_composer.algorithms.equivariance.equivariance import (  # noqa: E402
     EquivarianceAlgorithm,
-    _microbatch_seed,
     latent_entry_point,
+    microbatch_seed,
 )
 from eqvae_composer.algorithms.equivariance.transforms import (  # noqa: E402
     Branch,
@@ -155,7 +155,7 @@ class _StepImages(torch.utils.data.Dataset):
 def draw(step: int, microbatch: int = 0, p_equivariance: float = P_EQUIVARIANCE,
          seed: int = SEED) -> tuple[Branch, SpatialTransform]:
     """The branch and transform ``EquivarianceAlgorithm()`` draws for (step, microbatch) under ``seed``."""
-    generator = torch.Generator().manual_seed(_microbatch_seed(seed, step, microbatch))
+    generator = torch.Generator().manual_seed(microbatch_seed(seed, step, microbatch))
     branch = sample_branch(p_equivariance, P_LOWRES, generator)
     if branch == Branch.EQUIVARIANCE:
         return branch, sample_transform('grid', (1, 2, 3), False, generator)

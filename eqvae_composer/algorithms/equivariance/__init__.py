@@ -4,6 +4,7 @@ from eqvae_composer.algorithms.equivariance.equivariance import (
     EquivarianceAlgorithm,
     find_autoencoder,
     latent_entry_point,
+    microbatch_seed,
     vae_downsample_factor,
 )
 from eqvae_composer.algorithms.equivariance.transforms import (
@@ -31,6 +32,7 @@ __all__ = [
     'downscale_image',
     'find_autoencoder',
     'latent_entry_point',
+    'microbatch_seed',
     'sample_branch',
     'sample_scales',
     'sample_transform',

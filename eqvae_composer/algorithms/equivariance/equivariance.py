@@ -37,7 +37,7 @@ from eqvae_composer.algorithms.equivariance.transforms import (
     sample_transform,
 )
 
-__all__ = ['EquivarianceAlgorithm', 'find_autoencoder', 'latent_entry_point', 'vae_downsample_factor']
+__all__ = ['EquivarianceAlgorithm', 'find_autoencoder', 'latent_entry_point', 'microbatch_seed', 'vae_downsample_factor']
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,12 @@ def vae_downsample_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _microbatch_seed(rank_seed: int, batch: int, microbatch: int) -> int:
+def microbatch_seed(rank_seed: int, batch: int, microbatch: int) -> int:
+    """The seed of the generator a microbatch draws its branch and transform from.
+
+    Public so that code reproducing the algorithm's draws outside a Trainer (the training benchmark)
+    uses the same function rather than a copy.
+    """
     # A stateless function of (rank seed, step, microbatch): identical across runs with the same
     # seed and exact after an autoresume, without having to checkpoint a generator per rank.
     return int(np.random.SeedSequence([rank_seed, batch, microbatch]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -200,7 +205,7 @@ class EquivarianceAlgorithm(Algorithm):
 
     def _begin_microbatch(self, state: State, logger: Logger) -> None:
         generator = torch.Generator().manual_seed(
-            _microbatch_seed(self._rank_seed, int(state.timestamp.batch), self._microbatch),
+            microbatch_seed(self._rank_seed, int(state.timestamp.batch), self._microbatch),
         )
         self._microbatch += 1
         self._branch = sample_branch(self.p_equivariance, self.p_lowres, generator)
