@@ -37,7 +37,13 @@ from eqvae_composer.algorithms.equivariance.transforms import (
     sample_transform,
 )
 
-__all__ = ['EquivarianceAlgorithm', 'find_autoencoder', 'latent_entry_point', 'microbatch_seed', 'vae_downsample_factor']
+__all__ = [
+    'EquivarianceAlgorithm',
+    'find_autoencoder',
+    'latent_entry_point',
+    'microbatch_seed',
+    'vae_downsample_factor',
+]
 
 log = logging.getLogger(__name__)
 
