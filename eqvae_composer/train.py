@@ -106,6 +106,7 @@ class ModelConfig:
     eval_metrics: list[str] = field(
         default_factory=lambda: ['PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS'],
     )
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -232,6 +233,7 @@ def build_model(cfg: ModelConfig) -> ComposerAutoencoderKL:
         image_key=cfg.image_key,
         eval_sample_posterior=cfg.eval_sample_posterior,
         eval_metrics=cfg.eval_metrics,
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
 
 

@@ -16,6 +16,7 @@ scikit-image photographs, sensor-like noise added so file sizes are realistic):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing
 import os
@@ -26,11 +27,17 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from streaming import MDSWriter  # noqa: E402
+
 from eqvae_composer.data.convert import ConvertOptions, convert, default_workers  # noqa: E402
+from eqvae_composer.data.mds_writer import LeanMDSWriter  # noqa: E402
+
+convert_module = importlib.import_module('eqvae_composer.data.convert')  # the package re-exports convert()
 from eqvae_composer.data.demo import DEMO_EVAL_PHOTOS, DEMO_TRAIN_PHOTOS  # noqa: E402
 from eqvae_composer.data.transforms import sample_train_box, to_tensor  # noqa: E402
 
@@ -80,7 +87,6 @@ def streaming_imagenet_style(in_root: str, out_root: str) -> None:
     """The conversion loop of ``streaming.vision.convert.imagenet.main`` with its default arguments."""
     from glob import glob
 
-    from streaming import MDSWriter
     from streaming.vision.convert.imagenet import get_classes
 
     filenames = sorted(glob(os.path.join(in_root, 'train', '*', '*')))
@@ -124,12 +130,17 @@ def _rate(get, indices: list[int]) -> float:
     return len(indices) / (time.perf_counter() - start)
 
 
-def loader_rates(in_root: str, mds: str, per_kind: int) -> dict[str, dict[str, float]]:
+def loader_rates(in_root: str, mds: str, per_kind: int, reps: int) -> dict[str, dict[str, list[float]]]:
+    """Images/s per size kind and contender, ``reps`` times with the contenders in a rotating order.
+
+    One process and one torch thread, as in a DataLoader worker (PyTorch sets one thread there).
+    """
     from streaming.base.util import clean_stale_shared_memory
     from torchvision.datasets import ImageFolder
 
     from eqvae_composer.data.dataset import StreamingImageDataset
 
+    torch.set_num_threads(1)
     folder = ImageFolder(os.path.join(in_root, 'train'), transform=ReferenceCrop())
     large_from = len(folder.classes) - LARGE_CLASSES
     kinds = {
@@ -138,17 +149,21 @@ def loader_rates(in_root: str, mds: str, per_kind: int) -> dict[str, dict[str, f
     }
     clean_stale_shared_memory()
     ours = StreamingImageDataset(local=mds, resolution=RESOLUTION, shuffle=False)
+    no_draft = StreamingImageDataset(local=mds, resolution=RESOLUTION, shuffle=False, draft=False)
     assert ours.num_samples == len(folder.samples)  # same sorted order as ImageFolder
-    rates = {}
+    contenders = {
+        'torchvision ImageFolder+PIL': folder.__getitem__,
+        'StreamingImageDataset': ours.__getitem__,
+        'StreamingImageDataset, draft off': no_draft.__getitem__,
+    }
+    names = list(contenders)
+    rates: dict[str, dict[str, list[float]]] = {kind: {name: [] for name in names} for kind in kinds}
     for kind, indices in kinds.items():
-        folder[indices[0]], ours[indices[0]]  # warm up: first shard mapped, first file in the page cache
-        rates[kind] = {
-            'torchvision ImageFolder+PIL': _rate(folder.__getitem__, indices),
-            'StreamingImageDataset': _rate(ours.__getitem__, indices),
-        }
-        ours.draft = False
-        rates[kind]['StreamingImageDataset, draft off'] = _rate(ours.__getitem__, indices)
-        ours.draft = True
+        for get in contenders.values():
+            get(indices[0])  # warm up: first shard mapped, first file in the page cache
+        for rep in range(reps):
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                rates[kind][name].append(_rate(contenders[name], indices))
     return rates
 
 
@@ -188,11 +203,21 @@ def conversion_times(in_root: str, work: str, reps: int) -> dict[str, list[float
             with open(os.path.join(folder, name), 'rb') as f:
                 f.read()
     hashed = ConvertOptions(progress=False, hashes=('sha1', 'xxh64'))
+
+    def ours_with_mdswriter(out: str) -> None:
+        # What LeanMDSWriter gives: the same conversion with streaming's writer (workers fork this module state).
+        convert_module.LeanMDSWriter = MDSWriter
+        try:
+            convert('imagenet', out, input=in_root, splits=['train'], options=hashed)
+        finally:
+            convert_module.LeanMDSWriter = LeanMDSWriter
+
     contenders = {
         'streaming': lambda out: streaming_imagenet_style(in_root, out),
         'ours': lambda out: convert('imagenet', out, input=in_root, splits=['train'],
                                     options=ConvertOptions(progress=False)),
         'ours-hashed': lambda out: convert('imagenet', out, input=in_root, splits=['train'], options=hashed),
+        'ours-hashed-mdswriter': ours_with_mdswriter,
     }
     names = list(contenders)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -210,7 +235,7 @@ def main() -> None:
     parser.add_argument('--images', type=int, default=4000, help='Images to generate. Default: 4000.')
     parser.add_argument('--loader-images', type=int, default=300, help='Images per size class for the loader.')
     parser.add_argument('--workdir', help='Where to generate (kept). Default: a temporary folder (deleted).')
-    parser.add_argument('--reps', type=int, default=3, help='Conversion repetitions, contenders alternating.')
+    parser.add_argument('--reps', type=int, default=3, help='Repetitions, contenders alternating.')
     args = parser.parse_args()
     count, per_kind = (80, 10) if args.smoke else (args.images, args.loader_images)
     work = args.workdir or tempfile.mkdtemp(prefix='bench-data-')
@@ -225,7 +250,7 @@ def main() -> None:
         times = conversion_times(in_root, work, args.reps)
         t_streaming, t_ours, t_hashed = (float(np.median(times[n])) for n in ('streaming', 'ours', 'ours-hashed'))
         ratio = {n: float(np.median(np.array(times['streaming']) / np.array(times[n]))) for n in times}
-        rates = loader_rates(in_root, os.path.join(work, 'ours', 'train'), per_kind)
+        rates = loader_rates(in_root, os.path.join(work, 'ours', 'train'), per_kind, args.reps)
         memory = {n: conversion_memory(in_root, work, n) for n in (count // 4, count)}
 
         lines = [
@@ -239,14 +264,20 @@ def main() -> None:
             f'   x{ratio["ours"]:.2f}',
             f'  convert_dataset.py library ({default_workers()} workers, sha1+xxh64): {count / t_hashed:8.0f}'
             f'   x{ratio["ours-hashed"]:.2f}  (like for like)',
+            f'  the same with streaming\'s MDSWriter instead of LeanMDSWriter:     '
+            f'{count / float(np.median(times["ours-hashed-mdswriter"])):8.0f}   x{ratio["ours-hashed-mdswriter"]:.2f}',
             f'  (medians over {args.reps} repetitions, contenders alternating, inputs in the page cache)',
             '',
-            f'loader, 1 process, decode + reference crop + resize to {RESOLUTION} (images/s, {per_kind} per kind)',
+            f'loader, 1 process, 1 thread, decode + reference crop + resize to {RESOLUTION} '
+            f'(median images/s over {args.reps} repetitions, {per_kind} images per kind)',
         ]
         for kind, by_name in rates.items():
-            base = by_name['torchvision ImageFolder+PIL']
+            base = np.array(by_name['torchvision ImageFolder+PIL'])
             lines.append(f'  {kind}:')
-            lines += [f'    {name:34s} {rate:7.1f}   x{rate / base:.2f}' for name, rate in by_name.items()]
+            lines += [
+                f'    {name:34s} {np.median(rate):7.1f}   x{np.median(np.array(rate) / base):.2f}'
+                for name, rate in by_name.items()
+            ]
         lines += ['', 'conversion peak RSS (MiB): main process / largest worker']
         lines += [f'  {n:5d} images: {m["self"]:7.0f} / {m["worker"]:7.0f}' for n, m in memory.items()]
         print('\n'.join(lines))

@@ -315,3 +315,25 @@ def test_unwritable_output_exit_code(many_images, tmp_path):
         == 2
     )
     shutil.rmtree(many_images)
+
+
+@pytest.mark.parametrize('hashes', [[], ['sha1', 'xxh64']])
+def test_lean_writer_writes_the_same_files_as_mdswriter(tmp_path, hashes):
+    from streaming import MDSWriter
+
+    from eqvae_composer.data.mds_writer import LeanMDSWriter
+
+    rng = np.random.default_rng(0)
+    samples = [
+        {'image': rng.bytes(int(n)), 'key': f'img/{i}.JPEG', 'label': i, 'x': rng.bytes(16)}
+        for i, n in enumerate(rng.integers(0, 5000, size=40))
+    ]
+    columns = {'image': 'bytes', 'key': 'str', 'label': 'int', 'x': 'bytes'}
+    for name, writer in (('mds', MDSWriter), ('lean', LeanMDSWriter)):
+        with writer(out=str(tmp_path / name), columns=columns, hashes=hashes, size_limit=30_000) as out:
+            for sample in samples:
+                out.write(sample)
+    files = sorted(os.listdir(tmp_path / 'mds'))
+    assert len(files) > 3 and files == sorted(os.listdir(tmp_path / 'lean'))  # several shards, same names
+    for name in files:
+        assert (tmp_path / 'mds' / name).read_bytes() == (tmp_path / 'lean' / name).read_bytes(), name

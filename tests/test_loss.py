@@ -194,3 +194,21 @@ def test_losses_are_fp32_under_bf16_autocast():
     assert all(v.dtype == torch.float32 for v in losses.values())
     losses['total'].backward()
     assert torch.isfinite(model.vae.decoder.conv_out.weight.grad).all()
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients_and_adaptive_weight():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    plain = _model()
+    expected, expected_total, expected_weight = _reference_two_pass(plain, x, seed=5)
+    model = _model()
+    model = ComposerAutoencoderKL(model.vae, model.loss_fn, gradient_checkpointing=True)
+    block = model.vae.decoder.up_blocks[0]
+    block_calls, block_forward = [], block.forward
+    block.forward = lambda *args, **kwargs: block_calls.append(1) or block_forward(*args, **kwargs)
+    grads, losses = _ours(model, x, seed=5)
+    assert len(block_calls) == 2  # the forward, and its recomputation during the backward
+    for name, grad in expected.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=max(1e-4 * scale, 2e-5), msg=name)
+    assert losses['total'].item() == pytest.approx(expected_total, rel=1e-5)
+    assert losses['disc_weight'].item() == pytest.approx(expected_weight, rel=1e-4) and expected_weight > 0

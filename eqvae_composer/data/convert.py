@@ -29,13 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streaming import MDSWriter
 from streaming.base.storage.upload import CloudUploader
 from streaming.base.util import bytes_to_int, merge_index
 from tqdm import tqdm
 
 from eqvae_composer.data.demo import write_demo_folders
 from eqvae_composer.data.images import PreparedImage, prepare_image
+from eqvae_composer.data.mds_writer import LeanMDSWriter
 from eqvae_composer.data.sources import SourceFile, SplitListing, list_folder, list_imagenet, list_openimages, subset
 
 __all__ = [
@@ -248,7 +248,7 @@ def _bump_progress(n: int) -> None:
             _progress_counter.value += n
 
 
-def _drain_uploads(writer: MDSWriter) -> None:
+def _drain_uploads(writer: LeanMDSWriter) -> None:
     """Flush the last shard and wait for its upload task to start, polling every millisecond.
 
     ``MDSWriter.finish`` polls the upload queue with ``sleep(1)``; with a task still queued (the
@@ -262,14 +262,14 @@ def _drain_uploads(writer: MDSWriter) -> None:
 
 
 def _convert_part(job: _PartJob) -> dict[str, Any]:
-    """Write one part with its own MDSWriter, then its finish marker. Runs in a worker."""
+    """Write one part with its own writer, then its finish marker. Runs in a worker."""
     name = _part_name(job.index)
     part_local = os.path.join(job.local, name)
     out = (part_local, _join(job.remote, name)) if job.remote else part_local
     skipped: list[tuple[str, str]] = []
     actions: Counter = Counter()
     pending = 0
-    with MDSWriter(
+    with LeanMDSWriter(
         out=out,
         columns=job.columns,
         size_limit=job.options.size_limit,

@@ -1,8 +1,11 @@
 """The reference training crop and eval transform (spec section 4), with reduced-size JPEG decoding.
 
-Both transforms are one ``Image.resize(..., box=...)`` call: cropping and resizing together lets
-PIL's antialiased (support-scaled) filter see exactly the crop, and lets the box be expressed in
-the coordinates of a JPEG decoded at 1/2, 1/4 or 1/8 size by libjpeg's DCT scaling.
+An image is decoded by PIL (at 1/2, 1/4 or 1/8 size by libjpeg's DCT scaling when the crop is
+downsampled by that much), then cropped and resized to ``resolution`` with PyTorch's antialiased
+bicubic interpolation on ``uint8`` pixels. That kernel is PIL's filter (same a = -0.5 cubic, same
+support scaling) vectorised, about 5x faster than ``Image.resize`` here, and like the reference's
+crop-then-resize it only sees the crop's pixels. A box that does not fall on whole pixels (an eval
+centre crop of an odd margin) is resized by PIL, which takes fractional boxes.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import io
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from eqvae_composer.data.images import JPEG_FORMATS, to_rgb
@@ -102,18 +106,23 @@ def _draft_scale(img: Image.Image, box: Box, resolution: int) -> int:
     return 1
 
 
-def decode_crop_resize(img: Image.Image, box: Box, resolution: int, *, draft: bool = True) -> Image.Image:
-    """Decode ``img``, crop ``box`` and resize it to ``resolution`` x ``resolution`` RGB.
+def _is_whole(box: Box) -> bool:
+    return all(float(v).is_integer() for v in box)
+
+
+def decode_crop_resize(img: Image.Image, box: Box, resolution: int, *, draft: bool = True) -> torch.Tensor:
+    """Decode ``img``, crop ``box`` and resize it to ``resolution`` x ``resolution`` RGB pixels.
 
     Args:
         img: A lazily opened image (see :func:`open_image`).
         box: Crop in the image's full-size pixel coordinates.
         resolution: Output side in pixels.
         draft: Decode JPEGs at reduced size when the crop is downsampled by 2x or more, keeping at
-            least ``resolution`` pixels across the crop. Default: ``True``.
+            least ``resolution`` pixels across the crop. The box is then rounded to whole decoded
+            pixels: it moves by at most half a decoded pixel, under half an output pixel. Default: ``True``.
 
     Returns:
-        Image.Image: The ``RGB`` crop of size ``(resolution, resolution)``.
+        torch.Tensor: ``uint8`` pixels ``[3, resolution, resolution]``.
     """
     scale = _draft_scale(img, box, resolution) if draft else 1
     if scale > 1:
@@ -124,19 +133,30 @@ def decode_crop_resize(img: Image.Image, box: Box, resolution: int, *, draft: bo
         if drafted is not None:
             _, extent = drafted
             sx, sy = extent[2] / width, extent[3] / height
-            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            box = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
     rgb = to_rgb(img)
-    return rgb.resize((resolution, resolution), _RESAMPLE, box=box)
+    if not _is_whole(box):
+        resized = rgb.resize((resolution, resolution), _RESAMPLE, box=box)
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
+    left, top, right, bottom = (int(v) for v in box)
+    # A writable copy of the crop only; HWC memory is channels_last for the [1, 3, h, w] view below,
+    # the layout PyTorch's vectorised uint8 kernel reads.
+    crop = torch.from_numpy(np.array(np.asarray(rgb)[top:bottom, left:right]))
+    resized = F.interpolate(
+        crop.permute(2, 0, 1).unsqueeze(0), size=(resolution, resolution), mode='bicubic', antialias=True
+    )
+    return resized[0].contiguous()
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float tensor ``[3, H, W]`` in ``[-1, 1]``.
+def to_tensor(pixels: torch.Tensor | Image.Image) -> torch.Tensor:
+    """``uint8`` pixels ``[3, H, W]`` (or an RGB PIL image) -> float tensor ``[3, H, W]`` in ``[-1, 1]``.
 
     Args:
-        img: An ``RGB`` image.
+        pixels: The output of :func:`decode_crop_resize`, or an ``RGB`` image.
 
     Returns:
         torch.Tensor: ``float32`` pixels scaled by ``x / 127.5 - 1``.
     """
-    array = np.array(img, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    if isinstance(pixels, Image.Image):
+        pixels = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
+    return pixels.float().div_(127.5).sub_(1.0)
