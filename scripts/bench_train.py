@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -64,8 +65,10 @@ from eqvae_composer.algorithms.equivariance.transforms import (  # noqa: E402
     sample_transform,
 )
 from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss  # noqa: E402
+from eqvae_composer.train import OptimizerConfig, build_optimizer  # noqa: E402
 
-CONTENDERS = ('ours', 'reference', 'ours_eq_off', 'plain')
+CONTENDERS = ('ours', 'reference', 'ours_eq_off', 'plain', 'ours_ckpt')
+DEFAULT_CONTENDERS = CONTENDERS[:4]
 #: (numerator, denominator, target ratio, what is compared)
 TARGETS = (
     ('ours', 'reference', 1.4, 'images/s'),
@@ -115,7 +118,9 @@ class BenchConfig:
     lpips: bool = True
     lr: float = 1e-4
     channels_last: bool = False
-    fused_adam: bool = False
+    fused_adam: bool = True  # what train.py builds (OptimizerConfig.fused)
+    reference_fused_adam: bool = False  # the reference's torch.optim.Adam defaults
+    gradient_checkpointing: bool = False
     device: str = 'cpu'
 
 
@@ -128,7 +133,8 @@ def build_model(cfg: BenchConfig, lpips_net: torch.nn.Module | None, sample_post
     vae = AutoencoderKL.from_config(sd_vae_config(cfg.width, cfg.layers_per_block, cfg.resolution))
     loss = VAEGANLoss(lpips=lpips_net, lpips_weight=1.0 if lpips_net is not None else 0.0,
                       disc_num_filters=cfg.disc_filters, disc_num_layers=cfg.disc_layers)
-    model = ComposerAutoencoderKL(vae, loss, sample_posterior=sample_posterior).to(cfg.device)
+    model = ComposerAutoencoderKL(vae, loss, sample_posterior=sample_posterior,
+                                  gradient_checkpointing=cfg.gradient_checkpointing).to(cfg.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
@@ -224,7 +230,7 @@ class ReferenceLoop:
         self.sample_posterior, self.p_equivariance = sample_posterior, p_equivariance
         groups = model.param_groups(cfg.lr)
         self.ae_params, self.disc_params = groups[0]['params'], groups[1]['params']
-        kwargs = {'fused': True} if cfg.fused_adam else {}
+        kwargs = {'fused': True} if cfg.reference_fused_adam else {}
         self.opt_ae = torch.optim.Adam(self.ae_params, lr=cfg.lr, betas=(0.5, 0.9), **kwargs)
         self.opt_disc = torch.optim.Adam(self.disc_params, lr=cfg.lr, betas=(0.5, 0.9), **kwargs)
         model.train()
@@ -262,7 +268,7 @@ def _to(images: torch.Tensor, cfg: BenchConfig) -> torch.Tensor:
 
 def make_optimizer(model: ComposerAutoencoderKL, cfg: BenchConfig) -> torch.optim.Adam:
     """The single Adam over two parameter groups that ``train.py`` builds."""
-    return torch.optim.Adam(model.param_groups(cfg.lr), **({'fused': True} if cfg.fused_adam else {}))
+    return build_optimizer(model, OptimizerConfig(lr=cfg.lr, fused=cfg.fused_adam))
 
 
 class PlainLoop:
@@ -386,8 +392,10 @@ class _LoopContender:
 
 
 def build_contender(name: str, cfg: BenchConfig, lpips_net, total_steps: int, reference_bf16: bool = False):
+    if name == 'ours_ckpt':
+        cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
     model = build_model(cfg, lpips_net)
-    if name == 'ours':
+    if name in ('ours', 'ours_ckpt'):
         return TrainerLoop(model, cfg, total_steps, equivariance=True)
     if name == 'ours_eq_off':
         return TrainerLoop(model, cfg, total_steps, equivariance=False)
@@ -446,7 +454,8 @@ def _memory_in_subprocess(name: str, cfg: BenchConfig, args: argparse.Namespace)
            '--device', cfg.device, '--threads', str(args.threads)]
     cmd += ['--no-lpips'] if not cfg.lpips else []
     cmd += ['--channels-last'] if cfg.channels_last else []
-    cmd += ['--fused-adam'] if cfg.fused_adam else []
+    cmd += ['--unfused-adam'] if not cfg.fused_adam else []
+    cmd += ['--reference-fused-adam'] if cfg.reference_fused_adam else []
     cmd += ['--reference-bf16'] if args.reference_bf16 else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -625,8 +634,8 @@ def count_step_flops(width: int = 128, resolution: int = 256, batch_size: int = 
 def _config(args: argparse.Namespace, resolution: int) -> BenchConfig:
     return BenchConfig(width=args.width, layers_per_block=args.layers_per_block, disc_filters=args.disc_filters,
                        disc_layers=args.disc_layers, batch_size=args.batch_size, resolution=resolution,
-                       lpips=not args.no_lpips, channels_last=args.channels_last, fused_adam=args.fused_adam,
-                       device=args.device)
+                       lpips=not args.no_lpips, channels_last=args.channels_last, fused_adam=not args.unfused_adam,
+                       reference_fused_adam=args.reference_fused_adam, device=args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -643,11 +652,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--layers-per-block', type=int, default=2)
     parser.add_argument('--disc-filters', type=int, default=64)
     parser.add_argument('--disc-layers', type=int, default=3)
-    parser.add_argument('--contenders', nargs='+', default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument('--contenders', nargs='+', default=list(DEFAULT_CONTENDERS), choices=CONTENDERS,
+                        help='ours_ckpt: ours with gradient checkpointing (not run by default)')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--no-lpips', action='store_true', help='drop the perceptual term (faster, less faithful)')
     parser.add_argument('--channels-last', action='store_true', help='every contender in channels_last')
-    parser.add_argument('--fused-adam', action='store_true', help='every contender with Adam(fused=True)')
+    parser.add_argument('--unfused-adam', action='store_true',
+                        help="ours/plain with torch.optim.Adam's default kernel instead of train.py's fused one")
+    parser.add_argument('--reference-fused-adam', action='store_true', help='the reference with Adam(fused=True)')
     parser.add_argument('--reference-bf16', action='store_true',
                         help='on CUDA, run the reference under bf16 autocast too (default: fp32, as the reference)')
     parser.add_argument('--memory', choices=('subprocess', 'none'), default='subprocess')

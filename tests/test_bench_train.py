@@ -101,5 +101,5 @@ def test_smoke_run_compares_all_contenders(tmp_path):
     import json
 
     result = json.loads(out.read_text())['resolutions']['64']
-    assert set(result['median_images_per_second']) == set(bench.CONTENDERS)
+    assert set(result['median_images_per_second']) == set(bench.DEFAULT_CONTENDERS)
     assert set(result['ratios']) == {'ours/reference', 'ours/ours_eq_off', 'ours/plain'}
