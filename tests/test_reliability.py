@@ -32,17 +32,17 @@ def _config(tmp_path, data, **overrides):
 @pytest.fixture
 def nan_kl_at_batch_1(monkeypatch):
     """The KL term (and through it the total and the encoder's gradients) is NaN at training batch 1."""
-    original = VAEGANLoss._losses
+    original = VAEGANLoss._terms
 
-    def losses(self, x, x_hat, posterior, last_layer, last_layer_input, global_step):
-        terms = original(self, x, x_hat, posterior, last_layer, last_layer_input, global_step)
+    def terms(self, x, x_hat, posterior, last_layer, last_layer_input, global_step):
+        values = original(self, x, x_hat, posterior, last_layer, last_layer_input, global_step)
         if self.training and global_step == 1:
-            poisoned = terms['kl'] * float('nan')
-            terms['total'] = terms['total'] + self.kl_weight * poisoned
-            terms['kl'] = poisoned
-        return terms
+            poisoned = values['kl'] * float('nan')
+            values['total'] = values['total'] + self.kl_weight * poisoned
+            values['kl'] = poisoned
+        return values
 
-    monkeypatch.setattr(VAEGANLoss, '_losses', losses)
+    monkeypatch.setattr(VAEGANLoss, '_terms', terms)
 
 
 class _Snapshots(Callback):

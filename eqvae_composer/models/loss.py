@@ -144,6 +144,12 @@ class VAEGANLoss(nn.Module):
                                 global_step)
 
     def _losses(self, x, x_hat, posterior, last_layer, last_layer_input, global_step) -> dict[str, torch.Tensor]:
+        terms = self._terms(x, x_hat, posterior, last_layer, last_layer_input, global_step)
+        # Only 'total' is differentiated. The other terms are for logging: detached, they do not keep the
+        # graphs they came from (LPIPS's, for nll) alive while the trainer holds the loss dict.
+        return {name: value if name == 'total' else value.detach() for name, value in terms.items()}
+
+    def _terms(self, x, x_hat, posterior, last_layer, last_layer_input, global_step) -> dict[str, torch.Tensor]:
         batch_size = x.shape[0]
         zero = x.new_zeros(())
         l1 = (x - x_hat).abs()
@@ -182,7 +188,9 @@ class VAEGANLoss(nn.Module):
         if last_layer_input is None:
             raise ValueError('the adaptive GAN weight needs the input of the decoder\'s last layer.')
 
-        grad_nll = torch.autograd.grad(nll, x_hat, retain_graph=True)[0]
+        # The nll graph (through LPIPS) is not needed again: free it now instead of holding it through
+        # the discriminator and the backward. D's graph on `fake` is, by `disc`.
+        grad_nll = torch.autograd.grad(nll, x_hat)[0]
         grad_g = torch.autograd.grad(g, fake, retain_graph=True)[0]
         d_weight = self._adaptive_weight(grad_nll, grad_g, last_layer, last_layer_input)
         terms['disc_weight'] = d_weight
