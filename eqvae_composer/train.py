@@ -139,7 +139,8 @@ class OptimizerConfig:
     disc_betas: list[float] | None = None
     weight_decay: float = 0.0
     # PyTorch's fused Adam kernel (CPU and CUDA): the same update in one kernel per parameter group
-    # instead of several element-wise ops per tensor; 4x faster on CPU (docs/BENCHMARKS.md).
+    # instead of several element-wise ops per tensor; 3.5x faster on CPU (docs/BENCHMARKS.md). False
+    # leaves the choice to PyTorch (foreach on CUDA, a per-tensor loop on CPU).
     fused: bool = True
 
 
@@ -258,7 +259,7 @@ def build_optimizer(model: ComposerAutoencoderKL, cfg: OptimizerConfig) -> torch
             disc_betas=None if cfg.disc_betas is None else tuple(cfg.disc_betas),
             weight_decay=cfg.weight_decay,
         ),
-        fused=cfg.fused,
+        fused=True if cfg.fused else None,  # None, not False: False would also rule out foreach on CUDA
     )
 
 

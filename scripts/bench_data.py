@@ -205,7 +205,10 @@ def conversion_times(in_root: str, work: str, reps: int) -> dict[str, list[float
     hashed = ConvertOptions(progress=False, hashes=('sha1', 'xxh64'))
 
     def ours_with_mdswriter(out: str) -> None:
-        # What LeanMDSWriter gives: the same conversion with streaming's writer (workers fork this module state).
+        # What LeanMDSWriter gives: the same conversion with streaming's writer. The swap reaches the
+        # workers only because they fork this process; a spawned worker would re-import the module.
+        if multiprocessing.get_start_method() != 'fork':
+            raise RuntimeError('the MDSWriter comparison needs the fork start method (Linux default).')
         convert_module.LeanMDSWriter = MDSWriter
         try:
             convert('imagenet', out, input=in_root, splits=['train'], options=hashed)

@@ -5,7 +5,7 @@
     python scripts/bench_train.py --device cuda --width 128 --resolutions 256   # SD-VAE itself, bf16 autocast
     python scripts/bench_train.py --flops               # analytic FLOPs of one SD-VAE step at 256 px (meta device)
 
-Four contenders train the same model (same initial weights), on the same images, with the same
+The contenders train the same model (same initial weights), on the same images, with the same
 sequence of EQ-VAE branches and transforms (drawn exactly as ``EquivarianceAlgorithm`` draws them):
 
 * ``ours``: the Composer Trainer with ``EquivarianceAlgorithm()`` and the full loss (one forward, one backward);
@@ -14,7 +14,8 @@ sequence of EQ-VAE branches and transforms (drawn exactly as ``EquivarianceAlgor
   the autoencoder step and another for the discriminator step (with its own fresh transform),
   adaptive weight from ``autograd.grad`` w.r.t. the decoder's last weight;
 * ``ours_eq_off``: the same Trainer without the algorithm (full resolution every step);
-* ``plain``: our model and loss with the algorithm's transforms applied by hand, no Composer.
+* ``plain``: our model and loss with the algorithm's transforms applied by hand, no Composer;
+* ``ours_ckpt`` (only with ``--contenders``): ``ours`` with gradient checkpointing.
 
 The contenders alternate (the order rotates every repetition) and each repetition times ``--steps``
 optimizer steps of each; the ratios are medians over repetitions of per-repetition ratios, so load
@@ -429,8 +430,9 @@ def measure_memory(name: str, cfg: BenchConfig, lpips_net, reference_bf16: bool 
     """Peak memory of ``memory_steps()`` steps of contender ``name``; meant for a fresh process.
 
     CPU: peak RSS (``VmHWM``) above the RSS before the contender was built, so it counts weights,
-    gradients, optimizer state and activations (PyTorch's CPU allocator returns large blocks to the
-    OS, so RSS follows live tensors). CUDA: ``torch.cuda.max_memory_allocated`` above the same point.
+    gradients, optimizer state and activations; RSS follows live tensors when glibc's mmap threshold
+    is fixed, as ``_memory_in_subprocess`` does. CUDA: ``torch.cuda.max_memory_allocated`` above the
+    same point.
     """
     steps = memory_steps()
     if cfg.device == 'cuda':
@@ -691,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--no-lpips', action='store_true', help='drop the perceptual term (faster, less faithful)')
     parser.add_argument('--channels-last', action='store_true', help='every contender in channels_last')
     parser.add_argument('--unfused-adam', action='store_true',
-                        help="ours/plain with torch.optim.Adam's default kernel instead of train.py's fused one")
+                        help="ours/plain with PyTorch's default Adam kernel instead of train.py's fused one")
     parser.add_argument('--reference-fused-adam', action='store_true', help='the reference with Adam(fused=True)')
     parser.add_argument('--reference-bf16', action='store_true',
                         help='on CUDA, run the reference under bf16 autocast too (default: fp32, as the reference)')

@@ -62,6 +62,8 @@ def test_to_tensor_range_and_layout():
         tensor = to_tensor(pixels)
         assert tensor.shape == (3, 1, 1) and tensor.dtype == torch.float32
         np.testing.assert_allclose(tensor.flatten().numpy(), [-1.0, 1.0, 127 / 127.5 - 1], atol=1e-6)
+    with pytest.raises(TypeError, match='uint8'):
+        to_tensor(torch.zeros(3, 1, 1))
 
 
 @pytest.mark.parametrize('crop_side, expected_scale', [(1200, 4), (600, 2), (520, 2), (1500, 4)])

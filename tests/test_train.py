@@ -13,8 +13,9 @@ from PIL import Image
 from streaming import MDSWriter
 from streaming.base.util import clean_stale_shared_memory
 
-from eqvae_composer.train import ConfigError, load_config, train
-from tests.conftest import tiny_vae_config
+from eqvae_composer.models import ComposerAutoencoderKL
+from eqvae_composer.train import ConfigError, OptimizerConfig, build_optimizer, load_config, train
+from tests.conftest import tiny_vae, tiny_vae_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,3 +124,25 @@ def test_train_runs_exports_and_writes_metrics(tmp_path, mds):
     # ... and it is the trained model, not the initial one.
     initial = AutoencoderKL.from_config(tiny_vae_config())
     assert not torch.equal(initial.decoder.conv_out.weight, exported.decoder.conv_out.weight)
+
+
+def test_optimizer_is_one_fused_adam_over_two_groups_and_unfused_leaves_the_kernel_to_pytorch():
+    model = ComposerAutoencoderKL(tiny_vae())
+    fused = build_optimizer(model, OptimizerConfig(lr=1e-3, disc_lr=2e-3))
+    assert fused.defaults['fused'] is True
+    assert [g['lr'] for g in fused.param_groups] == [1e-3, 2e-3]
+    default = build_optimizer(model, OptimizerConfig(fused=False))
+    assert default.defaults['fused'] is None  # not False, which would also forbid foreach on CUDA
+    # Same update either way: one step from the same gradients.
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    fused.step()
+    after_fused = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    build_optimizer(model, OptimizerConfig(lr=1e-3, disc_lr=2e-3, fused=False)).step()
+    for a, p in zip(after_fused, model.parameters()):
+        torch.testing.assert_close(a, p.detach())
+    assert any(not torch.equal(a, b) for a, b in zip(after_fused, before))

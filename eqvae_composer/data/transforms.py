@@ -5,7 +5,8 @@ downsampled by that much), then cropped and resized to ``resolution`` with PyTor
 bicubic interpolation on ``uint8`` pixels. That kernel is PIL's filter (same a = -0.5 cubic, same
 support scaling) vectorised, about 5x faster than ``Image.resize`` here, and like the reference's
 crop-then-resize it only sees the crop's pixels. A box that does not fall on whole pixels (an eval
-centre crop of an odd margin) is resized by PIL, which takes fractional boxes.
+centre crop of an odd margin) is resized by PIL, which takes fractional boxes (and, near the box's
+edges, also reads the pixels just outside it).
 """
 
 from __future__ import annotations
@@ -159,4 +160,6 @@ def to_tensor(pixels: torch.Tensor | Image.Image) -> torch.Tensor:
     """
     if isinstance(pixels, Image.Image):
         pixels = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy
-    return pixels.float().div_(127.5).sub_(1.0)
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f'to_tensor expects uint8 pixels, got {pixels.dtype}.')
+    return pixels.float().div_(127.5).sub_(1.0)  # .float() copies, so the in-place ops are safe
