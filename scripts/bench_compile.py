@@ -24,14 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_train import sd_vae_config  # noqa: E402
+from bench_train import _sync, sd_vae_config  # noqa: E402
 
 from eqvae_composer.algorithms.equivariance.transforms import GRID_SCALES, scaled_size  # noqa: E402
-
-
-def _sync(device: str) -> None:
-    if device == 'cuda':
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -53,7 +53,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eqvae_composer.algorithms.equivariance.equivariance import (  # noqa: E402
     EquivarianceAlgorithm,
     latent_entry_point,
-    microbatch_seed,
 )
 from eqvae_composer.algorithms.equivariance.transforms import (  # noqa: E402
     Branch,
@@ -61,9 +60,6 @@ from eqvae_composer.algorithms.equivariance.transforms import (  # noqa: E402
     apply_to_image,
     apply_to_latent,
     downscale_image,
-    sample_branch,
-    sample_scales,
-    sample_transform,
 )
 from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss  # noqa: E402
 from eqvae_composer.train import OptimizerConfig, build_optimizer  # noqa: E402
@@ -163,13 +159,7 @@ class _StepImages(torch.utils.data.Dataset):
 def draw(step: int, microbatch: int = 0, p_equivariance: float = P_EQUIVARIANCE,
          seed: int = SEED) -> tuple[Branch, SpatialTransform]:
     """The branch and transform ``EquivarianceAlgorithm()`` draws for (step, microbatch) under ``seed``."""
-    generator = torch.Generator().manual_seed(microbatch_seed(seed, step, microbatch))
-    branch = sample_branch(p_equivariance, P_LOWRES, generator)
-    if branch == Branch.EQUIVARIANCE:
-        return branch, sample_transform('grid', (1, 2, 3), False, generator)
-    if branch == Branch.LOW_RES:
-        return branch, SpatialTransform(*sample_scales('grid', False, generator))
-    return branch, SpatialTransform()
+    return EquivarianceAlgorithm(p_equivariance=p_equivariance, p_lowres=P_LOWRES).draw(seed, step, microbatch)
 
 
 # --- the reference's step, written the way LDM + Lightning 1.4 run it ---------------------------------

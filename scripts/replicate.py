@@ -26,7 +26,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ import torch
 from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
 from eqvae_composer.checkpoints import load_autoencoder
-from eqvae_composer.evaluation import EvalProtocol, build_eval_dataset, evaluate
+from eqvae_composer.evaluation import EvalProtocol, build_eval_dataset, dataset_size, evaluate
 from eqvae_composer.evaluation.visualize import image_rows
 from eqvae_composer.train import train
 
@@ -241,7 +241,7 @@ def plot_reconstructions(plan: Plan, data: str, exports: dict[str, str], path: s
     from PIL import Image
 
     dataset = build_eval_dataset(os.path.join(data, 'val'), plan.resolution)
-    step = max(1, (getattr(dataset, 'num_samples', None) or len(dataset)) // count)
+    step = max(1, dataset_size(dataset) // count)
     images = torch.stack([dataset[i * step]['image'] for i in range(count)])
     vaes = {name: load_autoencoder(exports[name]).eval() for name in MODELS}
     factor = vae_downsample_factor(vaes['base'])
@@ -249,11 +249,11 @@ def plot_reconstructions(plan: Plan, data: str, exports: dict[str, str], path: s
     blocks = []
     transforms = (SpatialTransform(), SpatialTransform(0.5, 0.5), SpatialTransform(0.25, 0.25),
                   SpatialTransform(quarter_turns=1), SpatialTransform(0.5, 0.5, quarter_turns=2))
+    latents = {name: vaes[name].encode(images).latent_dist.mode() for name in MODELS}
     for tau in transforms:
         columns = [apply_to_image(images, tau, factor)]
         for name in MODELS:
-            z = vaes[name].encode(images).latent_dist.mode()
-            columns.append(vaes[name].decode(apply_to_latent(z, tau)).sample)
+            columns.append(vaes[name].decode(apply_to_latent(latents[name], tau)).sample)
         blocks.append(image_rows(columns, size))
     picture = torch.cat(blocks, dim=2)  # transforms side by side, 4 columns each
     array = (picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     overrides = {'base_steps': args.base_steps, 'finetune_steps': args.finetune_steps,
                  'finetune_lr': args.finetune_lr}
-    plan = Plan(**{**plan.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or ('runs/replicate-quick' if args.quick else 'runs/replicate')
     docs = args.docs or (os.path.join(out, 'docs') if args.quick else 'docs')
     for split in ('train', 'val'):

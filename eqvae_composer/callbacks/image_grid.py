@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from composer.core import Callback, Event, State, Time
 from composer.loggers import Logger
-from composer.utils import create_interval_scheduler, dist, format_name_with_dist
+from composer.utils import create_interval_scheduler, dist, format_name_with_dist, model_eval_mode
 from torch.utils.data import default_collate
 from torchvision.utils import save_image
 
-from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
 from eqvae_composer.evaluation.visualize import image_rows, latent_pca_rgb, upsample_nearest
 
@@ -127,10 +126,8 @@ class ImageGridCallback(Callback):
         model = _unwrap(state.model)
         autoencoder = model.autoencoder
         images = state.device.tensor_to_device(self.images)
-        factor = vae_downsample_factor(autoencoder.vae)
-        was_training = model.training
-        model.eval()
-        try:
+        factor = model.downsample_factor
+        with model_eval_mode(model):
             outputs = autoencoder(images, sample_posterior=False)
             latents = outputs['latents']
             columns = [images, outputs['reconstruction']]
@@ -138,8 +135,6 @@ class ImageGridCallback(Callback):
                 columns.append(apply_to_image(images, tau, factor, self.interpolation))
                 moved = apply_to_latent(latents, tau, self.interpolation)
                 columns.append(self._decode(autoencoder, moved))
-        finally:
-            model.train(was_training)
         size = images.shape[-2:]
         grids = {
             'reconstructions': image_rows(columns, size),

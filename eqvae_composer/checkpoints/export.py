@@ -13,7 +13,12 @@ from diffusers import AutoencoderKL
 
 from eqvae_composer.checkpoints.composer_state import is_composer_checkpoint
 from eqvae_composer.checkpoints.ldm import LDM_PREFIX, diffusers_to_ldm
-from eqvae_composer.checkpoints.loading import load_autoencoder, load_composer_checkpoint, read_checkpoint_file
+from eqvae_composer.checkpoints.loading import (
+    _SINGLE_FILE_SUFFIXES,
+    _load_single_file,
+    load_autoencoder,
+    read_checkpoint_file,
+)
 
 __all__ = ['export_diffusers', 'export_ldm', 'load_for_export', 'set_latent_factors']
 
@@ -38,10 +43,11 @@ def load_for_export(
         ``(vae, weights)`` with ``weights`` one of ``'EMA'``, ``'raw'`` (a Composer checkpoint) or
         ``'stored'`` (any other source).
     """
-    if Path(source).is_file():
-        obj = read_checkpoint_file(source)
-        if is_composer_checkpoint(obj):
-            return load_composer_checkpoint(obj, config, subfolder, ema)
+    path = Path(source)
+    if path.is_file():
+        obj = read_checkpoint_file(path)  # read once: a Composer checkpoint may have any file name
+        if is_composer_checkpoint(obj) or path.suffix in _SINGLE_FILE_SUFFIXES:
+            return _load_single_file(path, config, subfolder, ema, obj)
     return load_autoencoder(source, subfolder=subfolder, config=config), 'stored'
 
 

@@ -204,10 +204,15 @@ def _load_single_file(
     config: Mapping[str, Any] | str | os.PathLike | None,
     subfolder: str | None,
     ema: bool,
-) -> AutoencoderKL:
-    obj = read_checkpoint_file(path)
+    obj: Any = None,
+) -> tuple[AutoencoderKL, str]:
+    """``(vae, 'EMA' | 'raw')`` from a Composer checkpoint, ``(vae, 'stored')`` from any other file.
+
+    ``obj`` is the file's content when the caller has already read it.
+    """
+    obj = read_checkpoint_file(path) if obj is None else obj
     if is_composer_checkpoint(obj):
-        return load_composer_checkpoint(obj, config, subfolder, ema)[0]
+        return load_composer_checkpoint(obj, config, subfolder, ema)
     resolved = _default_config(config, subfolder)
     state = _state_dict_of(obj, path)
     if not is_diffusers_state_dict(state):
@@ -217,7 +222,7 @@ def _load_single_file(
             raise AutoencoderLoadError(
                 f'{path}: {error} Pass the matching diffusers config alongside the file.',
             ) from None
-    return _build(state, resolved, str(path))
+    return _build(state, resolved, str(path)), 'stored'
 
 
 def _hub_offline() -> bool:
@@ -282,7 +287,7 @@ def load_autoencoder(
     if path.suffix in _SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f'autoencoder checkpoint file {path} does not exist.')
-        return _load_single_file(path, config, subfolder, ema)
+        return _load_single_file(path, config, subfolder, ema)[0]
     if str(source).startswith(('.', '/', '~')) and not path.exists():
         raise FileNotFoundError(f'autoencoder folder {path} does not exist.')
     return _load_pretrained(str(path) if path.exists() else str(source), subfolder, revision)

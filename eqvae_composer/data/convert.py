@@ -36,7 +36,15 @@ from tqdm import tqdm
 from eqvae_composer.data.demo import write_demo_folders
 from eqvae_composer.data.images import PreparedImage, prepare_image
 from eqvae_composer.data.mds_writer import LeanMDSWriter
-from eqvae_composer.data.sources import SourceFile, SplitListing, list_folder, list_imagenet, list_openimages, subset
+from eqvae_composer.data.sources import (
+    SOURCES,
+    SourceFile,
+    SplitListing,
+    list_folder,
+    list_imagenet,
+    list_openimages,
+    subset,
+)
 
 __all__ = [
     'SOURCE_NAMES',
@@ -52,7 +60,7 @@ __all__ = [
 ]
 
 #: Values of ``--source``.
-SOURCE_NAMES = ('demo', 'folder', 'imagenet', 'openimages')
+SOURCE_NAMES = ('demo', *SOURCES)
 
 SKIPPED_REPORT = 'skipped.jsonl'
 _STATE_DIR = '.convert'
@@ -86,7 +94,7 @@ class ConvertOptions:
             :func:`~eqvae_composer.data.images.prepare_image`). Default: ``None`` (never).
         size_limit: Shard size limit, bytes or a string like ``'64mb'``. Default: ``1 << 26``.
         compression: MDS shard compression. Default: ``None`` (JPEG/PNG bytes do not compress).
-        hashes: Shard hash algorithms (sorted), for ``validate_hash`` when streaming. Default: none.
+        hashes: Shard hash algorithms, for ``validate_hash`` when streaming (any order: used sorted). Default: none.
         workers: Worker processes. Default: ``None`` (every core this process may use).
         part_size: Input files per part. Fixes the output layout independently of ``workers``.
             Default: ``250`` (fine enough to keep every worker busy; see docs/BENCHMARKS.md).
@@ -167,7 +175,7 @@ def _fingerprint(listing: SplitListing, options: ConvertOptions) -> dict[str, An
         'min_side': options.min_side,
         'size_limit': bytes_to_int(options.size_limit),  # '64mb' and 67108864 are the same plan
         'compression': options.compression,
-        'hashes': list(options.hashes),
+        'hashes': sorted(options.hashes),  # the same plan whatever order they were given in
         'part_size': options.part_size,
     }
 
@@ -261,7 +269,7 @@ def _drain_uploads(writer: LeanMDSWriter) -> None:
         time.sleep(0.001)
 
 
-def _convert_part(job: _PartJob) -> dict[str, Any]:
+def _convert_part(job: _PartJob) -> None:
     """Write one part with its own writer, then its finish marker. Runs in a worker."""
     name = _part_name(job.index)
     part_local = os.path.join(job.local, name)
@@ -274,7 +282,7 @@ def _convert_part(job: _PartJob) -> dict[str, Any]:
         columns=job.columns,
         size_limit=job.options.size_limit,
         compression=job.options.compression,
-        hashes=list(job.options.hashes),
+        hashes=sorted(job.options.hashes),
         keep_local=False,
     ) as writer:
         for source in job.files:
@@ -301,35 +309,37 @@ def _convert_part(job: _PartJob) -> dict[str, Any]:
         _drain_uploads(writer)
     _bump_progress(pending)
     marker = {'written': sum(actions.values()), 'skipped': skipped, 'actions': dict(actions)}
-    _write_json_atomic(os.path.join(job.local, _STATE_DIR, f'{name}.json'), marker)
-    return marker
+    _write_json_atomic(os.path.join(job.local, _STATE_DIR, f'{name}.json'), marker)  # read back by the parent
 
 
 def _run_jobs(jobs: list[_PartJob], workers: int, total: int, initial: int, desc: str, progress: bool) -> None:
     bar = tqdm(total=total, initial=initial, unit='img', desc=desc, disable=not progress, smoothing=0.1)
+    counter = multiprocessing.Value('q', 0)
+
+    def show_progress() -> None:
+        bar.update(counter.value - (bar.n - initial))
+
     try:
         if workers <= 1 or len(jobs) <= 1:
-            counter = multiprocessing.Value('q', 0)
             _init_worker(counter)
             try:
                 for job in jobs:
                     _convert_part(job)
-                    bar.update(counter.value - (bar.n - initial))
+                    show_progress()
             finally:
                 _init_worker(None)
             return
-        counter = multiprocessing.Value('q', 0)
         with multiprocessing.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter,)) as pool:
             result = pool.map_async(_convert_part, jobs, chunksize=1)
             while not result.ready():
                 result.wait(0.25)
-                bar.update(counter.value - (bar.n - initial))
+                show_progress()
             result.get()  # re-raises a worker's exception here
             # Let workers exit on their own: the context manager's terminate() SIGTERMs them, and a
             # worker that received it while idle on a pool lock was seen to hang the parent in join().
             pool.close()
             pool.join()
-        bar.update(counter.value - (bar.n - initial))
+        show_progress()
     finally:
         bar.close()
 

@@ -209,21 +209,33 @@ class EquivarianceAlgorithm(Algorithm):
     def _resize_kw(self) -> dict[str, Any]:
         return {'interpolation': self.interpolation, 'antialias': self.antialias}
 
+    def draw(self, rank_seed: int, batch: int, microbatch: int) -> tuple[Branch, SpatialTransform]:
+        """The branch and transform of one microbatch: a pure function of these seeds and the options.
+
+        Args:
+            rank_seed: the rank's seed (Composer's ``state.seed``).
+            batch: the training batch (``state.timestamp.batch``).
+            microbatch: the microbatch within the batch.
+
+        Returns:
+            tuple[Branch, SpatialTransform]: the identity transform for the full-resolution branch.
+        """
+        generator = torch.Generator().manual_seed(microbatch_seed(rank_seed, batch, microbatch))
+        branch = sample_branch(self.p_equivariance, self.p_lowres, generator)
+        if branch == Branch.EQUIVARIANCE:
+            return branch, sample_transform(self.scales, self.rotations, self.anisotropic, generator)
+        if branch == Branch.LOW_RES:
+            return branch, SpatialTransform(*sample_scales(self.scales, self.anisotropic, generator))
+        return branch, SpatialTransform()
+
     def _begin_microbatch(self, state: State, logger: Logger) -> None:
-        generator = torch.Generator().manual_seed(
-            microbatch_seed(self._rank_seed, int(state.timestamp.batch), self._microbatch),
-        )
+        self._branch, self._transform = self.draw(self._rank_seed, int(state.timestamp.batch), self._microbatch)
         self._microbatch += 1
-        self._branch = sample_branch(self.p_equivariance, self.p_lowres, generator)
         if self._branch == Branch.EQUIVARIANCE:
-            self._transform = sample_transform(self.scales, self.rotations, self.anisotropic, generator)
             self._armed, self._hook_calls = True, 0
         elif self._branch == Branch.LOW_RES:
-            scale_h, scale_w = sample_scales(self.scales, self.anisotropic, generator)
-            self._transform = SpatialTransform(scale_h, scale_w)
+            scale_h, scale_w = self._transform.scale_h, self._transform.scale_w
             self._swap_image(state, lambda x: downscale_image(x, scale_h, scale_w, self._factor, **self._resize_kw))
-        else:
-            self._transform = SpatialTransform()
         # Fixed keys on every step and rank: Composer's loggers and all-reduces expect that.
         logger.log_metrics({
             'eqvae/branch': float(self._branch),
