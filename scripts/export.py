@@ -12,10 +12,8 @@ id, LDM ``.ckpt`` / ``.safetensors``, bare state dict).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from eqvae_composer.checkpoints import (
-    AutoencoderLoadError,
     export_diffusers,
     export_ldm,
     image_loader,
@@ -23,6 +21,7 @@ from eqvae_composer.checkpoints import (
     load_for_export,
     set_latent_factors,
 )
+from eqvae_composer.cli import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +66,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (AutoencoderLoadError, FileNotFoundError) as error:
-        sys.exit(f'error: {error}')
+    run_cli(main)

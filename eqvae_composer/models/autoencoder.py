@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
+from eqvae_composer.data.dataset import PADDING_KEY
 from eqvae_composer.evaluation.metrics import (
     LatentEquivarianceError,
     LPIPSMetric,
@@ -218,9 +219,14 @@ class ComposerAutoencoderKL(ComposerModel):
         return {name: factories[name]() for name in self.eval_metric_names}
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        target, reconstruction = batch[self.image_key], outputs['reconstruction']
+        # StreamingDataset repeats samples to give every rank as many; count each sample once.
+        padding = batch.get(PADDING_KEY) if isinstance(batch, Mapping) else None
+        keep = slice(None) if padding is None else ~padding
+        if padding is not None and not keep.any():
+            return
+        target, reconstruction = batch[self.image_key][keep], outputs['reconstruction'][keep]
         if isinstance(metric, LatentEquivarianceError):
-            metric.update(outputs['equivariance'][metric.kind])
+            metric.update(outputs['equivariance'][metric.kind][:, keep])
         elif isinstance(metric, LPIPSMetric):
             with torch.no_grad():
                 metric.update(lpips_distance(self._lpips_metric_net, target, reconstruction))
