@@ -7,6 +7,7 @@ The schema is a dataclass: a misspelt key is an error naming it, not a silently 
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -40,10 +41,11 @@ from eqvae_composer.checkpoints import (
     trained_autoencoder,
 )
 from eqvae_composer.data.dataset import build_image_dataloader, check_local_dataset
-from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss, load_lpips
+from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL, VAEGANLoss, load_lpips
 
 __all__ = [
     'ConfigError',
+    'GANUpdates',
     'OptimizerConfig',
     'TrainConfig',
     'build_optimizer',
@@ -79,6 +81,13 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the key."""
 
 
+class GANUpdates(str, enum.Enum):
+    """``optimizer.gan_updates``: one pass for both sides, or the reference's two (``AlternatingGANUpdates``)."""
+
+    joint = 'joint'
+    alternating = 'alternating'
+
+
 @dataclass
 class VAEConfig:
     """Where the base autoencoder comes from: ``pretrained`` (path, file or hub id) or a ``config`` dict."""
@@ -103,6 +112,8 @@ class LossConfig:
     learn_logvar: bool = False
     disc_num_filters: int = 64
     disc_num_layers: int = 3
+    lpips_dropout: bool = False  # the reference trains with LPIPS's dropout active
+    always_train_discriminator: bool = False  # the reference trains D even at disc_weight 0
 
 
 @dataclass
@@ -142,6 +153,9 @@ class OptimizerConfig:
     # instead of several element-wise ops per tensor; 3.5x faster on CPU (docs/BENCHMARKS.md). False
     # leaves the choice to PyTorch (foreach on CUDA, a per-tensor loop on CPU).
     fused: bool = True
+    # joint: one forward and one step per batch for both sides. alternating: the reference's two
+    # passes (autoencoder, then discriminator on a fresh forward), each followed by its side's step.
+    gan_updates: GANUpdates = GANUpdates.joint
 
 
 @dataclass
@@ -250,17 +264,21 @@ def build_model(cfg: ModelConfig) -> ComposerAutoencoderKL:
 
 
 def build_optimizer(model: ComposerAutoencoderKL, cfg: OptimizerConfig) -> torch.optim.Adam:
-    """One Adam over ``model.param_groups()``: the reference's two optimizers as two parameter groups."""
-    return torch.optim.Adam(
-        model.param_groups(
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            disc_lr=cfg.disc_lr,
-            disc_betas=None if cfg.disc_betas is None else tuple(cfg.disc_betas),
-            weight_decay=cfg.weight_decay,
-        ),
-        fused=True if cfg.fused else None,  # None, not False: False would also rule out foreach on CUDA
+    """One Adam over ``model.param_groups()``: the reference's two optimizers as two parameter groups.
+
+    With ``gan_updates: alternating``, an ``AlternatingAdam``: two passes and two steps per batch.
+    """
+    groups = model.param_groups(
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        disc_lr=cfg.disc_lr,
+        disc_betas=None if cfg.disc_betas is None else tuple(cfg.disc_betas),
+        weight_decay=cfg.weight_decay,
     )
+    fused = True if cfg.fused else None  # None, not False: False would also rule out foreach on CUDA
+    if GANUpdates(cfg.gan_updates) == GANUpdates.alternating:
+        return AlternatingAdam(groups, model=model, fused=fused)
+    return torch.optim.Adam(groups, fused=fused)
 
 
 def _check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
@@ -371,6 +389,9 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg.optimizer)
     parallelism = {'fsdp': dict(cfg.fsdp)} if cfg.fsdp is not None else None
+    # Each alternating pass leaves one side without gradients, which DDP's bucketed all-reduce does not
+    # allow; Composer's forced sync all-reduces the gradients there are after the last microbatch.
+    ddp_sync_strategy = 'forced_sync' if cfg.optimizer.gan_updates == GANUpdates.alternating else None
 
     trainer = Trainer(
         model=model,
@@ -392,6 +413,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         ],
         loggers=loggers,
         parallelism_config=parallelism,
+        ddp_sync_strategy=ddp_sync_strategy,
         save_folder=cfg.save_folder,  # the saver above does the saving; the Trainer reads it for autoresume
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,

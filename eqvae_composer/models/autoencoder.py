@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from eqvae_composer.evaluation.metrics import (
     equivariance_errors,
     eval_transforms,
 )
-from eqvae_composer.models.loss import VAEGANLoss
+from eqvae_composer.models.loss import GAN_PHASES, VAEGANLoss
 from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['AutoencoderKLForward', 'ComposerAutoencoderKL', 'EVAL_METRICS']
@@ -143,6 +144,7 @@ class ComposerAutoencoderKL(ComposerModel):
         self.downsample_factor = vae_downsample_factor(vae)
         #: The training step, compared with the loss's ``disc_start``; kept current by ``GlobalStepCallback``.
         self.global_step = 0
+        self._gan_phase: str | None = None
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -171,8 +173,32 @@ class ComposerAutoencoderKL(ComposerModel):
             })
         return groups
 
+    @contextlib.contextmanager
+    def gan_phase(self, phase: str) -> Iterator[None]:
+        """Inside the context, ``forward`` and ``loss`` train one side only, as one of the reference's two passes.
+
+        ``'autoencoder'``: the autoencoder's loss, no gradient for the discriminator.
+        ``'discriminator'``: a fresh reconstruction made without autograd (the autoencoder gets no
+        gradient, as under Lightning's optimizer toggling) and the hinge loss only. Used by
+        ``AlternatingGANUpdates``; outside it, one pass trains both.
+
+        Args:
+            phase (str): one of ``GAN_PHASES``.
+        """
+        if phase not in GAN_PHASES:
+            raise ValueError(f'phase must be one of {GAN_PHASES}, got {phase!r}.')
+        previous, self._gan_phase = self._gan_phase, phase
+        try:
+            yield
+        finally:
+            self._gan_phase = previous
+
     def forward(self, batch: Any) -> dict[str, Any]:
-        return self.autoencoder(batch[self.image_key], sample_posterior=self.sample_posterior)
+        # The discriminator's pass needs a fresh reconstruction, not the autoencoder's gradients. The
+        # VAE still runs through the wrapped module's forward, so FSDP gathers its parameters as usual.
+        grad = contextlib.nullcontext() if self._gan_phase != 'discriminator' else torch.no_grad()
+        with grad:
+            return self.autoencoder(batch[self.image_key], sample_posterior=self.sample_posterior)
 
     def loss(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
         return self.loss_fn(
@@ -182,6 +208,7 @@ class ComposerAutoencoderKL(ComposerModel):
             self.vae.decoder.conv_out,
             outputs.get('last_layer_input'),
             self.global_step,
+            self._gan_phase,
         )
 
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
