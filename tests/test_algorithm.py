@@ -241,3 +241,32 @@ def test_different_seeds_draw_differently():
         _fit(model, [EquivarianceAlgorithm()], seed=seed, microbatch=1, loggers=[logger])
         logs.append([v for _, v in logger.data['eqvae/scale_h']])
     assert logs[0] != logs[1]
+
+
+def _draws_on_rank(monkeypatch, rank, **kwargs):
+    from composer.utils import dist
+
+    monkeypatch.setattr(dist, 'get_global_rank', lambda: rank)
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_weight=0))
+    state = _state(model, {'image': torch.zeros(1, 3, 32, 32)})
+    algo = EquivarianceAlgorithm(**kwargs)
+    algo.apply(Event.INIT, state, Logger(state))
+    assert state.seed == rank  # Composer's per-rank seed: rank_zero_seed (0) + rank
+    return [algo.draw(algo._seed, batch, 0) for batch in range(40)]
+
+
+def test_draws_are_per_rank_by_default_and_shared_with_shared_draws(monkeypatch):
+    assert _draws_on_rank(monkeypatch, 0) != _draws_on_rank(monkeypatch, 1)
+    assert _draws_on_rank(monkeypatch, 0, shared_draws=True) == _draws_on_rank(monkeypatch, 1, shared_draws=True)
+
+
+def test_lowres_isotropic_draws_one_scale_for_the_low_resolution_branch_only():
+    def scales(**kwargs):
+        algo = EquivarianceAlgorithm(anisotropic=True, **kwargs)
+        draws = [algo.draw(0, batch, 0) for batch in range(200)]
+        return {branch: [(t.scale_h, t.scale_w) for b, t in draws if b == branch] for branch in Branch}
+
+    default, reference = scales(), scales(lowres_isotropic=True)
+    assert any(h != w for h, w in default[Branch.LOW_RES])
+    assert reference[Branch.LOW_RES] and all(h == w for h, w in reference[Branch.LOW_RES])
+    assert any(h != w for h, w in reference[Branch.EQUIVARIANCE])  # the equivariance branch stays anisotropic
