@@ -23,7 +23,14 @@ install_requires = [
 ]
 
 extras_require = {
-    'dev': ['pytest>=8,<10', 'ruff==0.17.6', 'pre-commit'],
+    'dev': [
+        'pytest>=8,<10',
+        'ruff==0.17.6',
+        'pre-commit',
+        # an S3-compatible server on 127.0.0.1 for the object-store tests; boto3 is what streaming uses
+        'moto[server]>=5.1,<6',
+        'boto3>=1.34',
+    ],
 }
 
 setup(
