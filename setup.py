@@ -12,6 +12,7 @@ install_requires = [
     'diffusers>=0.39.0,<0.40',
     'torchmetrics>=1.7.0,<1.7.5',
     'torch-fidelity==0.4.0',
+    'pytorch-fid>=0.3.0,<0.4',  # --protocol reference: the reference's rFID
     'lpips==0.1.4',
     'omegaconf>=2.3,<2.5',
     'safetensors>=0.4',
