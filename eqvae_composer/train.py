@@ -27,6 +27,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from eqvae_composer.algorithms import EquivarianceAlgorithm
+from eqvae_composer.algorithms.equivariance import check_target_size, vae_downsample_factor
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
     ImageGridCallback,
@@ -331,6 +332,19 @@ def _check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f'load_path {cfg.load_path!r} does not exist.')
 
 
+def _check_target_sizes(cfg: TrainConfig, model: ComposerAutoencoderKL, algorithms: list) -> None:
+    """The configured resolution and scales give targets the loss accepts: a config error, not a crash in step 1."""
+    resolution = cfg.train_loader.dataset.get('resolution', 256)
+    for algorithm in algorithms:
+        if isinstance(algorithm, EquivarianceAlgorithm) and algorithm.p_equivariance + algorithm.p_lowres > 0:
+            factor = algorithm.downsample_factor or vae_downsample_factor(model.vae)
+            try:
+                check_target_size((resolution, resolution), factor, algorithm.scales, model.min_target_size)
+            except ValueError as error:
+                keys = 'train_loader.dataset.resolution, algorithms.equivariance.scales or model.loss.disc_num_layers'
+                raise ConfigError(f'{error} (config keys: {keys})') from None
+
+
 def _checkpoint_saver(cfg: TrainConfig) -> ResumableCheckpointSaver | None:
     """The Trainer's own ``CheckpointSaver`` arguments (composer 0.32 ``Trainer.__init__``), crash-consistent."""
     if cfg.save_folder is None:
@@ -387,6 +401,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         )
     reproducibility.seed_all(cfg.seed)  # the model's initialisation is part of the run
     model = build_model(cfg.model)
+    _check_target_sizes(cfg, model, algorithms)
     optimizer = build_optimizer(model, cfg.optimizer)
     parallelism = {'fsdp': dict(cfg.fsdp)} if cfg.fsdp is not None else None
     # Each alternating pass leaves one side without gradients, which DDP's bucketed all-reduce does not

@@ -128,6 +128,7 @@ def test_discriminator_gets_only_its_own_gradient_and_logged_terms_hold_no_graph
 def test_disc_start_switches_gan_terms_off_before_it():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=5, disc_num_filters=8))
+    model.global_step = 4
     outputs = model({'image': x})
     early = model.loss(outputs, {'image': x})
     assert early['disc_factor'] == 0 and early['disc'] == 0 and early['disc_weight'] == 0
@@ -137,11 +138,39 @@ def test_disc_start_switches_gan_terms_off_before_it():
     assert late['disc_factor'] == 1 and late['disc_weight'] > 0
 
 
+def test_disc_start_without_a_step_source_is_an_error_not_step_zero_forever():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=5, disc_num_filters=8))
+    with pytest.raises(RuntimeError, match='GlobalStepCallback'):
+        model.loss(model({'image': x}), {'image': x})
+    model.eval()  # evaluation needs no step
+    model.loss(model({'image': x}), {'image': x})
+
+
+def test_disc_start_follows_the_trainer_with_global_step_callback():
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+    from torch.utils.data import DataLoader
+
+    from eqvae_composer.callbacks import GlobalStepCallback
+
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=2, disc_num_filters=8,
+                                                         disc_num_layers=1))
+    logger = InMemoryLogger()
+    images = [{'image': torch.rand(3, 32, 32) * 2 - 1} for _ in range(8)]
+    Trainer(model=model, train_dataloader=DataLoader(images, batch_size=2), max_duration='4ba',
+            optimizers=torch.optim.Adam(model.param_groups(lr=1e-4)), callbacks=[GlobalStepCallback()],
+            loggers=[logger], device='cpu', progress_bar=False, log_to_console=False).fit()
+    factors = [float(v) for _, v in logger.data['loss/train/disc_factor']]
+    assert factors == [0.0, 0.0, 1.0, 1.0]
+
+
 def test_loss_keys_are_the_same_in_every_configuration():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     configs = [dict(lpips_weight=0, disc_weight=0), dict(lpips_weight=0, disc_start=10), dict(lpips_weight=0)]
     for kwargs in configs:
         model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(disc_num_filters=8, **kwargs))
+        model.global_step = 0
         assert set(model.loss(model({'image': x}), {'image': x})) == set(LOSS_KEYS)
 
 

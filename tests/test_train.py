@@ -100,6 +100,8 @@ def test_missing_data_path_is_named(tmp_path, mds):
     ({'algorithms': {'mixup': {}}}, "unknown algorithms 'mixup'"),
     ({'algorithms': {'equivariance': {'p_equivariance': 2}}}, 'p_equivariance must be in'),
     ({'model': {'eval_metrics': ['FID']}}, "unknown eval_metrics"),
+    # 32 px with the grid's 8/32 gives 8 px images; a 2-layer PatchGAN needs 12.
+    ({'model': {'loss': {'disc_num_layers': 2}}}, r'8 px images.*at least 12 px.*64 px.*disc_num_layers'),
 ])
 def test_invalid_settings_stop_before_training(tmp_path, mds, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):

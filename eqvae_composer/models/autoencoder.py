@@ -41,17 +41,14 @@ class AutoencoderKLForward(nn.Module):
 
     FSDP gathers a unit's parameters around its ``forward`` only, so all VAE compute goes through
     here rather than through ``vae.encode()`` / ``vae.decode()`` called from outside. It also
-    records the input of the decoder's last convolution, which the adaptive GAN weight needs.
+    records the input of the decoder's last convolution, which the adaptive GAN weight needs: a hook
+    that lives only for the duration of its own decode, so direct ``vae.decode()`` calls keep nothing
+    and wrapping the same VAE twice leaves no hook behind.
     """
 
     def __init__(self, vae: AutoencoderKL) -> None:
         super().__init__()
         self.vae = vae
-        self._last_layer_inputs: list[torch.Tensor] = []
-        vae.decoder.conv_out.register_forward_hook(self._record_last_layer_input)
-
-    def _record_last_layer_input(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._last_layer_inputs.append(args[0])
 
     def forward(
         self,
@@ -81,9 +78,12 @@ class AutoencoderKLForward(nn.Module):
             latents = posterior.sample() if sample_posterior else posterior.mode()
             outputs = {'posterior': posterior, 'latents': latents}
         if decode:
-            self._last_layer_inputs = []
-            outputs['reconstruction'] = self.vae.decode(latents).sample
-            inputs, self._last_layer_inputs = self._last_layer_inputs, []
+            inputs: list[torch.Tensor] = []
+            handle = self.vae.decoder.conv_out.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+            try:
+                outputs['reconstruction'] = self.vae.decode(latents).sample
+            finally:
+                handle.remove()
             outputs['last_layer_input'] = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
         return outputs
 
@@ -143,8 +143,16 @@ class ComposerAutoencoderKL(ComposerModel):
             raise ValueError('the LPIPS eval metric needs an LPIPS network (see load_lpips).')
         self.downsample_factor = vae_downsample_factor(vae)
         #: The training step, compared with the loss's ``disc_start``; kept current by ``GlobalStepCallback``.
-        self.global_step = 0
+        #: ``None`` until something sets it: with ``disc_start > 0`` training then stops with a clear error
+        #: rather than treating every step as step 0.
+        self.global_step: int | None = None
         self._gan_phase: str | None = None
+
+    @property
+    def min_target_size(self) -> int:
+        """The smallest image side the loss accepts (the discriminator's), read by ``EquivarianceAlgorithm``."""
+        discriminator = self.loss_fn.discriminator
+        return 1 if discriminator is None else discriminator.min_input_size
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -201,13 +209,19 @@ class ComposerAutoencoderKL(ComposerModel):
             return self.autoencoder(batch[self.image_key], sample_posterior=self.sample_posterior)
 
     def loss(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
+        if self.global_step is None and self.loss_fn.disc_start > 0 and self.training:
+            raise RuntimeError(
+                f'disc_start={self.loss_fn.disc_start} needs the training step: add '
+                'eqvae_composer.callbacks.GlobalStepCallback() to the Trainer\'s callbacks (train.py does), or set '
+                'model.global_step yourself in a loop of your own.',
+            )
         return self.loss_fn(
             batch[self.image_key],
             outputs['reconstruction'],
             outputs['posterior'],
             self.vae.decoder.conv_out,
             outputs.get('last_layer_input'),
-            self.global_step,
+            self.global_step or 0,
             self._gan_phase,
         )
 

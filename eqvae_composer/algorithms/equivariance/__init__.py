@@ -14,11 +14,14 @@ from eqvae_composer.algorithms.equivariance.transforms import (
     SpatialTransform,
     apply_to_image,
     apply_to_latent,
+    check_target_size,
     downscale_image,
     sample_branch,
     sample_scales,
     sample_transform,
     scaled_size,
+    smallest_scale,
+    smallest_target_size,
 )
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     'SpatialTransform',
     'apply_to_image',
     'apply_to_latent',
+    'check_target_size',
     'downscale_image',
     'find_autoencoder',
     'latent_entry_point',
@@ -37,5 +41,7 @@ __all__ = [
     'sample_scales',
     'sample_transform',
     'scaled_size',
+    'smallest_scale',
+    'smallest_target_size',
     'vae_downsample_factor',
 ]
