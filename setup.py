@@ -14,6 +14,7 @@ install_requires = [
     'torch-fidelity==0.4.0',
     'pytorch-fid>=0.3.0,<0.4',  # --protocol reference: the reference's rFID
     'lpips==0.1.4',
+    'opencv-python-headless>=4.10,<5',  # resize_filter: area_cv2 (the reference's cv2.INTER_AREA train crop)
     'omegaconf>=2.3,<2.5',
     'safetensors>=0.4',
     'scikit-image>=0.24,<0.27',  # ships the demo photographs

@@ -144,8 +144,9 @@ def test_alternating_updates_match_a_two_optimizer_lightning_loop():
     )
     trainer.fit()
 
-    # The discriminator's pass is the batch's second microbatch for the algorithm: its own draw.
-    logged = _lightning_style(reference_vae, reference_loss, images, lambda step, idx: equivariance.draw(SEED, step, idx))
+    # The discriminator's pass is the algorithm's second pass over the batch: its own draw.
+    draw = lambda step, optimizer_idx: equivariance.draw(SEED, step, 0, pass_index=optimizer_idx)  # noqa: E731
+    logged = _lightning_style(reference_vae, reference_loss, images, draw)
     assert {Branch.EQUIVARIANCE, Branch.LOW_RES} <= set(logged['branches'])  # the draws exercise the transforms
     assert any(a != b for a, b in zip(logged['branches'][::2], logged['branches'][1::2]))  # passes draw apart
     ours, expected, initial = _weights(model), _weights_of(reference_vae, reference_loss), _weights(_model())
@@ -188,3 +189,16 @@ def test_alternating_without_a_discriminator_is_one_pass():
 def test_alternating_optimizer_needs_the_model():
     with pytest.raises(TypeError, match='ComposerAutoencoderKL'):
         AlternatingAdam([torch.nn.Parameter(torch.zeros(1))], model=torch.nn.Linear(1, 1))
+
+
+def test_ddp_without_forced_sync_is_named():
+    model = _model()
+    optimizer = AlternatingAdam(model.param_groups(lr=LR), model=model)
+
+    def closure():
+        if model._gan_phase == 'discriminator':  # what DDP raises when a pass leaves parameters without gradients
+            raise RuntimeError('Expected to have finished reduction in the prior iteration before starting a new one.')
+        return 0.0
+
+    with pytest.raises(RuntimeError, match='forced_sync'):
+        optimizer.step(closure)

@@ -64,7 +64,15 @@ class AlternatingGANUpdates:
             loss = closure()
         self._step_side(lambda p: id(p) not in disc_ids)
         with self._model.gan_phase('discriminator'), torch.enable_grad():
-            closure()
+            try:
+                closure()
+            except RuntimeError as error:
+                if 'finished reduction in the prior iteration' in str(error):  # DDP's bucketed all-reduce
+                    raise RuntimeError(
+                        'AlternatingGANUpdates under DDP needs Trainer(..., ddp_sync_strategy="forced_sync"): each '
+                        'pass leaves the other side\'s parameters without gradients.',
+                    ) from error
+                raise
         self._step_side(lambda p: id(p) in disc_ids)
         return loss
 
