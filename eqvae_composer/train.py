@@ -279,6 +279,17 @@ def _check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     return per_device
 
 
+def _check_fsdp_version(cfg: TrainConfig) -> None:
+    """``fsdp`` holds FSDP2 settings; Composer 0.32 reads them as FSDP2 only with ``FSDP_VERSION=2`` (else FSDP1)."""
+    version = os.environ.get('FSDP_VERSION')
+    if cfg.fsdp is not None and version != '2':
+        raise ConfigError(
+            'the `fsdp` section holds FSDP2 settings, which Composer applies only with FSDP_VERSION=2 in the '
+            f'environment (FSDP_VERSION is {"unset" if version is None else repr(version)}). Launch with: '
+            'FSDP_VERSION=2 composer -n <processes> train.py <config.yaml> (or drop `fsdp` for DDP).',
+        )
+
+
 def _check_paths(cfg: TrainConfig) -> None:
     """Data folders exist (or are remote), checkpoint locations are usable: before anything is loaded."""
     for name, loader in (('train_loader', cfg.train_loader), ('eval_loader', cfg.eval_loader)):
@@ -362,6 +373,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     # Cheap checks first: a typo must not cost an SD-VAE load (or a data download).
     per_device_batch = _check_batch_sizes(cfg, dist.get_world_size())
     precision = _precision(cfg)
+    _check_fsdp_version(cfg)
     _check_paths(cfg)
     algorithms = _instantiate(ALGORITHMS, 'algorithms', cfg.algorithms)
     callbacks = _instantiate(CALLBACKS, 'callbacks', cfg.callbacks)
