@@ -18,9 +18,7 @@ from typing import Any
 import torch
 from composer import Trainer
 from composer.algorithms import EMA, GradientClipping
-from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
-from composer.core import Algorithm, Callback
-from composer.loggers import FileLogger, LoggerDestination, TensorboardLogger, WandBLogger
+from composer.core import Algorithm
 from composer.utils import dist, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
@@ -29,7 +27,6 @@ from eqvae_composer.algorithms import EquivarianceAlgorithm
 from eqvae_composer.algorithms.equivariance import check_target_size, vae_downsample_factor
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
-    ImageGridCallback,
     NaNGuard,
     RestoreRNGMidEpoch,
     ResumableCheckpointSaver,
@@ -42,6 +39,7 @@ from eqvae_composer.checkpoints import (
 )
 from eqvae_composer.data.dataset import build_image_dataloader, check_local_dataset
 from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss, load_lpips
+from eqvae_composer.registry import CALLBACKS, LOGGERS
 
 __all__ = [
     'ConfigError',
@@ -55,21 +53,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Algorithms are picked by hand, unlike callbacks and loggers (eqvae_composer.registry): most of
+# Composer's are for classifiers or language models and would break an autoencoder's batch or loss.
 ALGORITHMS: dict[str, type[Algorithm]] = {
     'equivariance': EquivarianceAlgorithm,
     'ema': EMA,
     'gradient_clipping': GradientClipping,
-}
-CALLBACKS: dict[str, type[Callback]] = {
-    'lr_monitor': LRMonitor,
-    'speed_monitor': SpeedMonitor,
-    'memory_monitor': MemoryMonitor,
-    'image_grid': ImageGridCallback,
-}
-LOGGERS: dict[str, type[LoggerDestination]] = {
-    'file': FileLogger,
-    'tensorboard': TensorboardLogger,
-    'wandb': WandBLogger,
 }
 # URI schemes Composer can upload checkpoints to (RemoteUploader) and load them from (get_file).
 SAVE_SCHEMES = ('s3', 'gs', 'oci', 'azure', 'libcloud', 'dbfs')
