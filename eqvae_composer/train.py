@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from eqvae_composer.algorithms import EquivarianceAlgorithm
-from eqvae_composer.algorithms.equivariance import check_target_size, vae_downsample_factor
+from eqvae_composer.algorithms.equivariance import check_target_size
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
     NaNGuard,
@@ -38,6 +38,7 @@ from eqvae_composer.checkpoints import (
     trained_autoencoder,
 )
 from eqvae_composer.data.dataset import build_image_dataloader, check_local_dataset
+from eqvae_composer.introspection import vae_downsample_factor
 from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss, load_lpips
 from eqvae_composer.registry import CALLBACKS, LOGGERS
 

@@ -27,6 +27,8 @@ from diffusers import AutoencoderKL
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from eqvae_composer.introspection import unwrap_model
+
 __all__ = [
     'VAE_PREFIX',
     'AutoencoderConfigRecorder',
@@ -58,7 +60,7 @@ class AutoencoderConfigRecorder(Callback):
         self._config: dict[str, Any] | None = None
 
     def fit_start(self, state: State, logger: Any) -> None:
-        vae = getattr(_unwrap(state.model), 'vae', None)
+        vae = getattr(unwrap_model(state.model), 'vae', None)
         self._config = None if vae is None else dict(vae.config)
 
     def state_dict(self) -> dict[str, Any]:
@@ -66,10 +68,6 @@ class AutoencoderConfigRecorder(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._config = state.get('vae_config', self._config)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, 'module') and not hasattr(model, 'autoencoder') else model
 
 
 def _clean_name(name: str) -> str:
@@ -161,7 +159,7 @@ def full_vae(model: torch.nn.Module) -> AutoencoderKL:
     Args:
         model: ``trainer.state.model``.
     """
-    return _standalone(_unwrap(model).vae.config, _vae_part(_full_model_state(model)))
+    return _standalone(unwrap_model(model).vae.config, _vae_part(_full_model_state(model)))
 
 
 def trained_autoencoder(state: State, ema: bool = True) -> tuple[AutoencoderKL, str]:
@@ -181,4 +179,4 @@ def trained_autoencoder(state: State, ema: bool = True) -> tuple[AutoencoderKL, 
     algorithms = [(EMA.__name__, a.state_dict()) for a in state.algorithms
                   if isinstance(a, EMA) and a.ema_model is not None]
     vae_state, which = _select(_full_model_state(state.model), _ema_state(algorithms), ema)
-    return _standalone(_unwrap(state.model).vae.config, vae_state), which
+    return _standalone(unwrap_model(state.model).vae.config, vae_state), which
