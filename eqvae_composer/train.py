@@ -19,18 +19,15 @@ from typing import Any
 import torch
 from composer import Trainer
 from composer.algorithms import EMA, GradientClipping
-from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
-from composer.core import Algorithm, Callback
-from composer.loggers import FileLogger, LoggerDestination, TensorboardLogger, WandBLogger
+from composer.core import Algorithm
 from composer.utils import dist, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from eqvae_composer.algorithms import EquivarianceAlgorithm
-from eqvae_composer.algorithms.equivariance import check_target_size, vae_downsample_factor
+from eqvae_composer.algorithms.equivariance import check_target_size
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
-    ImageGridCallback,
     NaNGuard,
     RestoreRNGMidEpoch,
     ResumableCheckpointSaver,
@@ -42,7 +39,9 @@ from eqvae_composer.checkpoints import (
     trained_autoencoder,
 )
 from eqvae_composer.data.dataset import build_image_dataloader, check_local_dataset
+from eqvae_composer.introspection import vae_downsample_factor
 from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL, VAEGANLoss, load_lpips
+from eqvae_composer.registry import CALLBACKS, LOGGERS
 
 __all__ = [
     'ConfigError',
@@ -57,21 +56,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Algorithms are picked by hand, unlike callbacks and loggers (eqvae_composer.registry): most of
+# Composer's are for classifiers or language models and would break an autoencoder's batch or loss.
 ALGORITHMS: dict[str, type[Algorithm]] = {
     'equivariance': EquivarianceAlgorithm,
     'ema': EMA,
     'gradient_clipping': GradientClipping,
-}
-CALLBACKS: dict[str, type[Callback]] = {
-    'lr_monitor': LRMonitor,
-    'speed_monitor': SpeedMonitor,
-    'memory_monitor': MemoryMonitor,
-    'image_grid': ImageGridCallback,
-}
-LOGGERS: dict[str, type[LoggerDestination]] = {
-    'file': FileLogger,
-    'tensorboard': TensorboardLogger,
-    'wandb': WandBLogger,
 }
 # URI schemes Composer can upload checkpoints to (RemoteUploader) and load them from (get_file).
 SAVE_SCHEMES = ('s3', 'gs', 'oci', 'azure', 'libcloud', 'dbfs')
@@ -297,6 +287,17 @@ def _check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     return per_device
 
 
+def _check_fsdp_version(cfg: TrainConfig) -> None:
+    """``fsdp`` holds FSDP2 settings; Composer 0.32 reads them as FSDP2 only with ``FSDP_VERSION=2`` (else FSDP1)."""
+    version = os.environ.get('FSDP_VERSION')
+    if cfg.fsdp is not None and version != '2':
+        raise ConfigError(
+            'the `fsdp` section holds FSDP2 settings, which Composer applies only with FSDP_VERSION=2 in the '
+            f'environment (FSDP_VERSION is {"unset" if version is None else repr(version)}). Launch with: '
+            'FSDP_VERSION=2 composer -n <processes> train.py <config.yaml> (or drop `fsdp` for DDP).',
+        )
+
+
 def _check_paths(cfg: TrainConfig) -> None:
     """Data folders exist (or are remote), checkpoint locations are usable: before anything is loaded."""
     for name, loader in (('train_loader', cfg.train_loader), ('eval_loader', cfg.eval_loader)):
@@ -380,6 +381,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     # Cheap checks first: a typo must not cost an SD-VAE load (or a data download).
     per_device_batch = _check_batch_sizes(cfg, dist.get_world_size())
     precision = _precision(cfg)
+    _check_fsdp_version(cfg)
     _check_paths(cfg)
     algorithms = _instantiate(ALGORITHMS, 'algorithms', cfg.algorithms)
     callbacks = _instantiate(CALLBACKS, 'callbacks', cfg.callbacks)

@@ -14,6 +14,7 @@ from PIL import Image
 from streaming import MDSWriter
 from streaming.base.util import clean_stale_shared_memory
 
+from eqvae_composer import train as train_module
 from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL
 from eqvae_composer.train import ConfigError, OptimizerConfig, build_optimizer, load_config, train
 from tests.conftest import tiny_vae, tiny_vae_config
@@ -136,6 +137,26 @@ def test_missing_data_path_is_named(tmp_path, mds):
 def test_invalid_settings_stop_before_training(tmp_path, mds, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         train(run_config(tmp_path, *mds, **overrides), fit=False)
+
+
+@pytest.mark.parametrize('version', [None, '1'])
+def test_fsdp_without_fsdp_version_2_stops_before_data_or_model_load(tmp_path, mds, monkeypatch, version):
+    def not_yet(*args, **kwargs):
+        raise AssertionError('data or model built before the FSDP_VERSION check')
+
+    monkeypatch.setattr(train_module, 'build_image_dataloader', not_yet)
+    monkeypatch.setattr(train_module, 'build_model', not_yet)
+    if version is None:
+        monkeypatch.delenv('FSDP_VERSION', raising=False)
+    else:
+        monkeypatch.setenv('FSDP_VERSION', version)
+    cfg = run_config(tmp_path, *mds, fsdp={'state_dict_type': 'sharded'})
+    with pytest.raises(ConfigError, match=r'`fsdp` section .* FSDP_VERSION=2 .*FSDP_VERSION=2 composer -n <processes> '
+                       r'train\.py'):
+        train(cfg, fit=False)
+    monkeypatch.setenv('FSDP_VERSION', '2')  # the check passes: the data is built next
+    with pytest.raises(AssertionError, match='before the FSDP_VERSION check'):
+        train(cfg, fit=False)
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
 from eqvae_composer.evaluation.datasets import PROTOCOLS, IndexedDataset, dataset_size, rank_shard, reference_shard
 from eqvae_composer.evaluation.fid import ReconstructionFID
@@ -37,6 +36,7 @@ from eqvae_composer.evaluation.metrics import (
     equivariance_errors,
 )
 from eqvae_composer.evaluation.reference import REFERENCE_BATCH_SIZE, ReferenceMetrics, ReferencePNGWriter
+from eqvae_composer.introspection import vae_downsample_factor
 from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['ALL_METRICS', 'DEFAULT_METRICS', 'EvalProtocol', 'evaluate', 'posterior_noise']

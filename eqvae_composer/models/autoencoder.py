@@ -12,7 +12,6 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torchmetrics import Metric
 
-from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
 from eqvae_composer.evaluation.metrics import (
     LatentEquivarianceError,
     LPIPSMetric,
@@ -21,6 +20,7 @@ from eqvae_composer.evaluation.metrics import (
     equivariance_errors,
     eval_transforms,
 )
+from eqvae_composer.introspection import vae_downsample_factor
 from eqvae_composer.models.loss import GAN_PHASES, VAEGANLoss
 from eqvae_composer.models.lpips import lpips_distance
 

@@ -1,12 +1,8 @@
 """EQ-VAE equivariance regularization: the Composer algorithm and its functional core."""
 
-from eqvae_composer.algorithms.equivariance.equivariance import (
-    EquivarianceAlgorithm,
-    find_autoencoder,
-    latent_entry_point,
-    microbatch_seed,
-    vae_downsample_factor,
-)
+# The VAE introspection helpers live in eqvae_composer.introspection; re-exported here for existing imports.
+
+from eqvae_composer.algorithms.equivariance.equivariance import EquivarianceAlgorithm, microbatch_seed
 from eqvae_composer.algorithms.equivariance.transforms import (
     DISCRETE_SCALES,
     GRID_SCALES,
@@ -23,6 +19,7 @@ from eqvae_composer.algorithms.equivariance.transforms import (
     smallest_scale,
     smallest_target_size,
 )
+from eqvae_composer.introspection import find_autoencoder, latent_entry_point, vae_downsample_factor
 
 __all__ = [
     'Branch',

@@ -31,7 +31,6 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils.batch_helpers import batch_set
-from diffusers import AutoencoderKL
 
 from eqvae_composer.algorithms.equivariance.transforms import (
     SCALE_MODES,
@@ -45,40 +44,13 @@ from eqvae_composer.algorithms.equivariance.transforms import (
     sample_scales,
     sample_transform,
 )
+from eqvae_composer.introspection import find_autoencoder, latent_entry_point, unwrap_model, vae_downsample_factor
 
-__all__ = [
-    'EquivarianceAlgorithm',
-    'find_autoencoder',
-    'latent_entry_point',
-    'microbatch_seed',
-    'vae_downsample_factor',
-]
+__all__ = ['EquivarianceAlgorithm', 'microbatch_seed']
 
 log = logging.getLogger(__name__)
 
 _INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'area')
-
-
-def find_autoencoder(model: torch.nn.Module) -> AutoencoderKL:
-    """The single diffusers ``AutoencoderKL`` inside ``model`` (which may be one itself)."""
-    found = [m for m in model.modules() if isinstance(m, AutoencoderKL)]
-    if len(found) != 1:
-        raise ValueError(
-            f'EquivarianceAlgorithm needs a model holding exactly one diffusers AutoencoderKL; '
-            f'{type(model).__name__} holds {len(found)}.',
-        )
-    return found[0]
-
-
-def latent_entry_point(vae: AutoencoderKL) -> torch.nn.Module:
-    """The first module ``AutoencoderKL.decode`` applies to z."""
-    post_quant_conv = getattr(vae, 'post_quant_conv', None)
-    return post_quant_conv if post_quant_conv is not None else vae.decoder
-
-
-def vae_downsample_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent cell: 2 ** (number of encoder blocks - 1), i.e. 8 for SD-VAE."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def microbatch_seed(rank_seed: int, batch: int, microbatch: int, pass_index: int = 0) -> int:
@@ -282,7 +254,7 @@ class EquivarianceAlgorithm(Algorithm):
             raise ValueError('EquivarianceAlgorithm cannot transform tiled decoding; call vae.disable_tiling().')
         self._factor = int(self.downsample_factor or vae_downsample_factor(vae))
         self._seed = int(state.rank_zero_seed if self.shared_draws else state.seed)
-        model = state.model.module if isinstance(getattr(state.model, 'module', None), torch.nn.Module) else state.model
+        model = unwrap_model(state.model)
         if self.min_target_size is None:
             declared = getattr(model, 'min_target_size', None)
             self.min_target_size = int(declared) if declared is not None else None
