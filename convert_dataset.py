@@ -56,7 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--size-limit', default='64mb', help='Shard size limit. Default: 64mb.')
     parser.add_argument('--hashes', default='', help='Comma-separated shard hashes, e.g. sha1,xxh64. Default: none.')
     parser.add_argument('--labels-csv', help='ImageNet LOC_val_solution.csv for a flat val/. Default: searched for.')
-    parser.add_argument('--local', help='Staging folder for a remote --out; keep it to resume an interrupted upload.')
+    parser.add_argument(
+        '--local',
+        help='Staging folder for a remote --out: empty, or left by an earlier conversion. Default: a temporary one.',
+    )
     parser.add_argument(
         '--overwrite',
         action='store_true',

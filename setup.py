@@ -12,7 +12,9 @@ install_requires = [
     'diffusers>=0.39.0,<0.40',
     'torchmetrics>=1.7.0,<1.7.5',
     'torch-fidelity==0.4.0',
+    'pytorch-fid>=0.3.0,<0.4',  # --protocol reference: the reference's rFID
     'lpips==0.1.4',
+    'opencv-python-headless>=4.10,<5',  # resize_filter: area_cv2 (the reference's cv2.INTER_AREA train crop)
     'omegaconf>=2.3,<2.5',
     'safetensors>=0.4',
     'scikit-image>=0.24,<0.27',  # ships the demo photographs
@@ -23,7 +25,14 @@ install_requires = [
 ]
 
 extras_require = {
-    'dev': ['pytest>=8,<10', 'ruff==0.17.6', 'pre-commit'],
+    'dev': [
+        'pytest>=8,<10',
+        'ruff==0.17.6',
+        'pre-commit',
+        # an S3-compatible server on 127.0.0.1 for the object-store tests; boto3 is what streaming uses
+        'moto[server]>=5.1,<6',
+        'boto3>=1.34',
+    ],
 }
 
 setup(

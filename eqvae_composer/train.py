@@ -7,6 +7,7 @@ The schema is a dataclass: a misspelt key is an error naming it, not a silently 
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -18,17 +19,15 @@ from typing import Any
 import torch
 from composer import Trainer
 from composer.algorithms import EMA, GradientClipping
-from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
-from composer.core import Algorithm, Callback
-from composer.loggers import FileLogger, LoggerDestination, TensorboardLogger, WandBLogger
+from composer.core import Algorithm
 from composer.utils import dist, get_device, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 from eqvae_composer.algorithms import EquivarianceAlgorithm
+from eqvae_composer.algorithms.equivariance import check_target_size
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
-    ImageGridCallback,
     NaNGuard,
     RestoreRNGMidEpoch,
     ResumableCheckpointSaver,
@@ -40,11 +39,14 @@ from eqvae_composer.checkpoints import (
     trained_autoencoder,
 )
 from eqvae_composer.data.dataset import EmptyDatasetError, build_image_dataloader, check_local_dataset
-from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss, load_lpips
+from eqvae_composer.introspection import vae_downsample_factor
+from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL, VAEGANLoss, load_lpips
 from eqvae_composer.models.lpips import resolve_lpips_weights
+from eqvae_composer.registry import CALLBACKS, LOGGERS
 
 __all__ = [
     'ConfigError',
+    'GANUpdates',
     'OptimizerConfig',
     'TrainConfig',
     'build_optimizer',
@@ -55,21 +57,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Algorithms are picked by hand, unlike callbacks and loggers (eqvae_composer.registry): most of
+# Composer's are for classifiers or language models and would break an autoencoder's batch or loss.
 ALGORITHMS: dict[str, type[Algorithm]] = {
     'equivariance': EquivarianceAlgorithm,
     'ema': EMA,
     'gradient_clipping': GradientClipping,
-}
-CALLBACKS: dict[str, type[Callback]] = {
-    'lr_monitor': LRMonitor,
-    'speed_monitor': SpeedMonitor,
-    'memory_monitor': MemoryMonitor,
-    'image_grid': ImageGridCallback,
-}
-LOGGERS: dict[str, type[LoggerDestination]] = {
-    'file': FileLogger,
-    'tensorboard': TensorboardLogger,
-    'wandb': WandBLogger,
 }
 # URI schemes Composer can upload checkpoints to (RemoteUploader) and load them from (get_file).
 SAVE_SCHEMES = ('s3', 'gs', 'oci', 'azure', 'libcloud', 'dbfs')
@@ -78,6 +71,13 @@ LOAD_SCHEMES = (*SAVE_SCHEMES, 'http', 'https')
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key."""
+
+
+class GANUpdates(str, enum.Enum):
+    """``optimizer.gan_updates``: one pass for both sides, or the reference's two (``AlternatingGANUpdates``)."""
+
+    joint = 'joint'
+    alternating = 'alternating'
 
 
 @dataclass
@@ -104,6 +104,8 @@ class LossConfig:
     learn_logvar: bool = False
     disc_num_filters: int = 64
     disc_num_layers: int = 3
+    lpips_dropout: bool = False  # the reference trains with LPIPS's dropout active
+    always_train_discriminator: bool = False  # the reference trains D even at disc_weight 0
 
 
 @dataclass
@@ -143,6 +145,9 @@ class OptimizerConfig:
     # instead of several element-wise ops per tensor; 3.5x faster on CPU (docs/BENCHMARKS.md). False
     # leaves the choice to PyTorch (foreach on CUDA, a per-tensor loop on CPU).
     fused: bool = True
+    # joint: one forward and one step per batch for both sides. alternating: the reference's two
+    # passes (autoencoder, then discriminator on a fresh forward), each followed by its side's step.
+    gan_updates: GANUpdates = GANUpdates.joint
 
 
 @dataclass
@@ -263,17 +268,21 @@ def _check_weight_files(cfg: ModelConfig) -> None:
 
 
 def build_optimizer(model: ComposerAutoencoderKL, cfg: OptimizerConfig) -> torch.optim.Adam:
-    """One Adam over ``model.param_groups()``: the reference's two optimizers as two parameter groups."""
-    return torch.optim.Adam(
-        model.param_groups(
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            disc_lr=cfg.disc_lr,
-            disc_betas=None if cfg.disc_betas is None else tuple(cfg.disc_betas),
-            weight_decay=cfg.weight_decay,
-        ),
-        fused=True if cfg.fused else None,  # None, not False: False would also rule out foreach on CUDA
+    """One Adam over ``model.param_groups()``: the reference's two optimizers as two parameter groups.
+
+    With ``gan_updates: alternating``, an ``AlternatingAdam``: two passes and two steps per batch.
+    """
+    groups = model.param_groups(
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        disc_lr=cfg.disc_lr,
+        disc_betas=None if cfg.disc_betas is None else tuple(cfg.disc_betas),
+        weight_decay=cfg.weight_decay,
     )
+    fused = True if cfg.fused else None  # None, not False: False would also rule out foreach on CUDA
+    if GANUpdates(cfg.gan_updates) == GANUpdates.alternating:
+        return AlternatingAdam(groups, model=model, fused=fused)
+    return torch.optim.Adam(groups, fused=fused)
 
 
 def _check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
@@ -289,6 +298,17 @@ def _check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
             f'by device_train_microbatch_size {micro}.',
         )
     return per_device
+
+
+def _check_fsdp_version(cfg: TrainConfig) -> None:
+    """``fsdp`` holds FSDP2 settings; Composer 0.32 reads them as FSDP2 only with ``FSDP_VERSION=2`` (else FSDP1)."""
+    version = os.environ.get('FSDP_VERSION')
+    if cfg.fsdp is not None and version != '2':
+        raise ConfigError(
+            'the `fsdp` section holds FSDP2 settings, which Composer applies only with FSDP_VERSION=2 in the '
+            f'environment (FSDP_VERSION is {"unset" if version is None else repr(version)}). Launch with: '
+            'FSDP_VERSION=2 composer -n <processes> train.py <config.yaml> (or drop `fsdp` for DDP).',
+        )
 
 
 def _check_paths(cfg: TrainConfig) -> None:
@@ -329,6 +349,19 @@ def _check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f'load_path {cfg.load_path!r} does not exist.')
 
 
+def _check_target_sizes(cfg: TrainConfig, model: ComposerAutoencoderKL, algorithms: list) -> None:
+    """The configured resolution and scales give targets the loss accepts: a config error, not a crash in step 1."""
+    resolution = cfg.train_loader.dataset.get('resolution', 256)
+    for algorithm in algorithms:
+        if isinstance(algorithm, EquivarianceAlgorithm) and algorithm.p_equivariance + algorithm.p_lowres > 0:
+            factor = algorithm.downsample_factor or vae_downsample_factor(model.vae)
+            try:
+                check_target_size((resolution, resolution), factor, algorithm.scales, model.min_target_size)
+            except ValueError as error:
+                keys = 'train_loader.dataset.resolution, algorithms.equivariance.scales or model.loss.disc_num_layers'
+                raise ConfigError(f'{error} (config keys: {keys})') from None
+
+
 def _checkpoint_saver(cfg: TrainConfig) -> ResumableCheckpointSaver | None:
     """The Trainer's own ``CheckpointSaver`` arguments (composer 0.32 ``Trainer.__init__``), crash-consistent."""
     if cfg.save_folder is None:
@@ -364,6 +397,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     # Cheap checks first: a typo must not cost an SD-VAE load (or a data download).
     per_device_batch = _check_batch_sizes(cfg, dist.get_world_size())
     precision = _precision(cfg)
+    _check_fsdp_version(cfg)
     if cfg.eval_loader is not None and cfg.eval_loader.drop_last:
         raise ConfigError('eval_loader.drop_last: evaluation must see every sample; remove the setting.')
     _check_paths(cfg)
@@ -392,8 +426,12 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         )
     reproducibility.seed_all(cfg.seed)  # the model's initialisation is part of the run
     model = build_model(cfg.model)
+    _check_target_sizes(cfg, model, algorithms)
     optimizer = build_optimizer(model, cfg.optimizer)
     parallelism = {'fsdp': dict(cfg.fsdp)} if cfg.fsdp is not None else None
+    # Each alternating pass leaves one side without gradients, which DDP's bucketed all-reduce does not
+    # allow; Composer's forced sync all-reduces the gradients there are after the last microbatch.
+    ddp_sync_strategy = 'forced_sync' if cfg.optimizer.gan_updates == GANUpdates.alternating else None
 
     trainer = Trainer(
         model=model,
@@ -415,6 +453,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         ],
         loggers=loggers,
         parallelism_config=parallelism,
+        ddp_sync_strategy=ddp_sync_strategy,
         save_folder=cfg.save_folder,  # the saver above does the saving; the Trainer reads it for autoresume
         autoresume=cfg.autoresume,
         load_path=cfg.load_path,

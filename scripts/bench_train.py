@@ -325,7 +325,7 @@ class TrainerLoop:
 
             def after_loss(self, state, logger):
                 if bench.algorithm is not None:
-                    bench.drawn.append((bench.algorithm._branch, bench.algorithm._transform))
+                    bench.drawn.append((bench.algorithm.branch, bench.algorithm.transform))
 
             def batch_end(self, state, logger):
                 _sync(cfg.device)

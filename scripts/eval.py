@@ -2,9 +2,11 @@
 
     python scripts/eval.py --vae PATH --data MDS_OR_IMAGE_FOLDER --out results.json
     composer -n 8 scripts/eval.py --vae PATH --data DATA --out results.json   # same numbers, 8x faster
+    composer -n 8 scripts/eval.py --protocol reference --vae PATH --data IMAGENET_VAL_FOLDER --out ref.json
 
-Weights for rFID (Inception) and LPIPS (VGG16) are resolved before anything else is loaded; offline
-and missing, the run stops with the file name and where to put it.
+``--protocol reference`` measures as the reference's eval.py does, for numbers to set beside the
+paper's table (docs/REFERENCE_EVAL.md). Weights for rFID (Inception) and LPIPS (VGG16) are resolved
+before anything else is loaded; offline and missing, the run stops with the file name and where to put it.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from eqvae_composer.cli import run_cli
 from eqvae_composer.evaluation import (
     ALL_METRICS,
     DEFAULT_METRICS,
+    PROTOCOLS,
+    REFERENCE_METRICS,
     EvalProtocol,
     build_eval_dataset,
     evaluate,
     format_markdown,
     load_inception,
+    load_reference_inception,
 )
 from eqvae_composer.models.lpips import load_lpips
 from eqvae_composer.weights import MissingWeightsError
@@ -40,7 +45,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--subfolder', default=None, help="subfolder of --vae, e.g. 'vae'")
     parser.add_argument('--data', required=True, help='MDS folder/URL (with index.json) or an image folder')
     parser.add_argument('--out', required=True, help='results JSON')
-    parser.add_argument('--metrics', default=','.join(DEFAULT_METRICS), help=f'comma list from {",".join(ALL_METRICS)}')
+    parser.add_argument('--protocol', choices=PROTOCOLS, default='default',
+                        help="'reference': the reference eval.py's preprocessing, sharding, quantization and "
+                        'averaging, and pytorch-fid (image folders with class subfolders only)')
+    parser.add_argument('--metrics', default=None,
+                        help=f'comma list from {",".join(ALL_METRICS)} (default: {",".join(DEFAULT_METRICS)}; '
+                        f'with --protocol reference {",".join(REFERENCE_METRICS)}, all it can measure)')
     parser.add_argument('--num-images', type=int, default=None, help='first N images (default: all)')
     parser.add_argument('--batch-size', type=int, default=16, help='per process')
     parser.add_argument('--resolution', type=int, default=256)
@@ -48,24 +58,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     latent.add_argument('--sample', dest='sample', action='store_true', default=True, help='z ~ q(z|x) (default)')
     latent.add_argument('--mode', dest='sample', action='store_false', help='z = mode of q(z|x)')
     parser.add_argument('--seed', type=int, default=0, help='seeds the per-image posterior noise')
-    parser.add_argument('--inception-weights', default=None, help='Inception weight file or folder (rFID)')
+    parser.add_argument('--inception-weights', default=None,
+                        help='Inception weight file or folder (rFID): torch-fidelity\'s, or pytorch-fid\'s '
+                        'with --protocol reference')
     parser.add_argument('--lpips-weights', default=None, help='VGG16 weight file or folder (LPIPS)')
     parser.add_argument('--device', default=None, help="'cpu' or 'gpu' (default: gpu when available)")
     parser.add_argument('--num-workers', type=int, default=0)
     parser.add_argument('--no-progress', action='store_true')
+    parser.add_argument('--save-images', default=None, metavar='DIR',
+                        help='with --protocol reference: also write its PNG folders DIR/ref_images and '
+                        'DIR/decoded_images')
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]
-    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    reference = args.protocol == 'reference'
+    if args.save_images is not None and not reference:
+        print('error: --save-images writes the PNG folders of --protocol reference; add it.', file=sys.stderr)
+        return 2
+    default_metrics = REFERENCE_METRICS if reference else DEFAULT_METRICS
+    metrics = [m.strip() for m in (args.metrics or ','.join(default_metrics)).split(',') if m.strip()]
+    known = REFERENCE_METRICS if reference else ALL_METRICS
+    unknown = sorted(set(metrics) - set(known))
     if unknown:
-        print(f'error: unknown metrics {unknown}; choose from {",".join(ALL_METRICS)}', file=sys.stderr)
+        print(f'error: metrics {unknown} are not in --protocol {args.protocol}; choose from {",".join(known)}',
+              file=sys.stderr)
         return 2
     # Weights first: a missing file must stop the run before the VAE and data are loaded.
     try:
-        inception = load_inception(args.inception_weights) if 'rfid' in metrics else None
+        load_fid_network = load_reference_inception if reference else load_inception
+        inception = load_fid_network(args.inception_weights) if 'rfid' in metrics else None
         lpips_net = load_lpips(args.lpips_weights) if 'lpips' in metrics else None
     except MissingWeightsError as error:
         hint = 'Pass the file with --inception-weights / --lpips-weights, or leave rfid/lpips out of --metrics.'
@@ -74,12 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = DeviceGPU() if use_gpu else DeviceCPU()
     dist.initialize_dist(device)
     vae = load_autoencoder(args.vae, subfolder=args.subfolder)
-    dataset = build_eval_dataset(args.data, args.resolution)
-    protocol = EvalProtocol(resolution=args.resolution, sample_posterior=args.sample, seed=args.seed)
+    dataset = build_eval_dataset(args.data, args.resolution, protocol=args.protocol)
+    protocol = EvalProtocol(args.resolution, sample_posterior=args.sample, seed=args.seed, name=args.protocol)
     results = evaluate(
         vae, dataset, metrics, protocol, num_images=args.num_images, batch_size=args.batch_size,
         inception=inception, lpips_net=lpips_net, device=device._device, num_workers=args.num_workers,
-        progress=not args.no_progress,
+        progress=not args.no_progress, image_dir=args.save_images,
     )
     if dist.get_global_rank() == 0:
         results = {'vae': str(args.vae), 'data': str(args.data), **results}

@@ -2,11 +2,13 @@
 
     python scripts/export.py --checkpoint runs/eqvae/latest-rank0.pt --out exported/eq-vae
     python scripts/export.py --checkpoint runs/eqvae/latest-rank0.pt --out exported/eq-vae --ldm exported/eq-vae.ckpt
+    python scripts/export.py --checkpoint runs/eqvae-sdvae-fsdp/checkpoints/ep0-ba2000 --out exported/eq-vae  # FSDP
     python scripts/export.py --checkpoint model.ckpt --out sd-vae            # LDM .ckpt -> diffusers
 
 ``--checkpoint`` is a Composer checkpoint of this project (EMA weights when the run used EMA,
-``--raw`` for the training weights) or anything ``load_autoencoder`` accepts (diffusers folder, hub
-id, LDM ``.ckpt`` / ``.safetensors``, bare state dict).
+``--raw`` for the training weights): a file, or with ``fsdp.state_dict_type: sharded`` the
+checkpoint folder (or ``latest-rank0.pt``, which links to it), read in this one process; or anything
+``load_autoencoder`` accepts (diffusers folder, hub id, LDM ``.ckpt`` / ``.safetensors``, bare state dict).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from eqvae_composer.cli import run_cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', required=True, help='Composer checkpoint, LDM file, diffusers folder or hub id')
+    parser.add_argument('--checkpoint', required=True, help='Composer checkpoint (file or sharded folder), LDM file, '
+                        'diffusers folder or hub id')
     parser.add_argument('--out', help='diffusers folder to write (config.json + safetensors)')
     parser.add_argument('--ldm', help='LDM-format file to write: .ckpt ({"state_dict": ...}) or .safetensors')
     parser.add_argument('--ldm-prefix', action='store_true', help='prefix LDM keys with first_stage_model.')

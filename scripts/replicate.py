@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
 from eqvae_composer.checkpoints import load_autoencoder
 from eqvae_composer.cli import run_cli
 from eqvae_composer.evaluation import EvalProtocol, build_eval_dataset, dataset_size, evaluate
 from eqvae_composer.evaluation.visualize import image_rows
+from eqvae_composer.introspection import vae_downsample_factor
 from eqvae_composer.train import train
 
 NOTES_MARKER = '<!-- notes: everything below this line is kept when the script rewrites the file -->'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,9 @@ from streaming.base.format import reader_from_json
 from streaming.base.util import clean_stale_shared_memory
 
 __all__ = [
+    'dataset_files',
     'jpeg_bytes',
+    'write_many_images',
     'photo',
     'read_mds',
     'read_skipped',
@@ -76,3 +79,21 @@ def streaming_env() -> Iterator[None]:
     clean_stale_shared_memory()
     yield
     clean_stale_shared_memory()
+
+
+def write_many_images(root: pathlib.Path) -> pathlib.Path:
+    """Write 23 photos of varied sizes in three subfolders of ``root``, and a broken file a conversion skips."""
+    for i in range(23):
+        write_image(root / f'{i % 3}' / f'{i:03d}.jpg', photo(48 + i, 40, i))
+    (root / '1' / 'zz_broken.jpg').write_bytes(b'\xff\xd8\xff garbage')
+    return root
+
+
+def dataset_files(folder: str | os.PathLike) -> dict[str, bytes]:
+    """Every file of a converted dataset by relative path, without the conversion state (``.convert/``)."""
+    return {
+        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), 'rb').read()
+        for d, _, files in os.walk(folder)
+        for f in files
+        if not d.endswith('.convert')
+    }

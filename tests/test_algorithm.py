@@ -56,7 +56,8 @@ def _run_microbatch(algo, state, logger):
 
 
 def test_equivariance_branch_decodes_once_on_tau_z_and_compares_with_tau_x():
-    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8))
+    # 64 px at scale 0.25 is 16 px: a 2-layer PatchGAN (12 px at least) sees every draw.
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2))
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     state = _state(model, {'image': x})
     logger = Logger(state)
@@ -67,8 +68,8 @@ def test_equivariance_branch_decodes_once_on_tau_z_and_compares_with_tau_x():
     model.vae.decoder.register_forward_pre_hook(lambda m, a: decoder_inputs.append(a[0].shape))
     seen = _run_microbatch(algo, state, logger)
 
-    tau = algo._transform
-    assert algo._branch == Branch.EQUIVARIANCE and tau.scale_h in GRID_SCALES and tau.quarter_turns in (1, 2, 3)
+    tau = algo.transform
+    assert algo.branch == Branch.EQUIVARIANCE and tau.scale_h in GRID_SCALES and tau.quarter_turns in (1, 2, 3)
     assert len(decoder_inputs) == 1  # one decode per microbatch, and it is of tau(z)
     latent = state.outputs['posterior'].mean
     assert latent.shape[-2:] == (8, 8)  # the encoder (and so the KL term) saw the untransformed x
@@ -100,7 +101,7 @@ def test_full_res_branch_changes_nothing():
     algo = EquivarianceAlgorithm(p_equivariance=0.0, p_lowres=0.0)
     algo.apply(Event.INIT, state, logger)
     assert _run_microbatch(algo, state, logger) is not None
-    assert state.outputs['reconstruction'].shape == x.shape and algo._transform == SpatialTransform()
+    assert state.outputs['reconstruction'].shape == x.shape and algo.transform == SpatialTransform()
 
 
 def test_a_forward_that_never_decodes_is_an_error():
@@ -240,3 +241,32 @@ def test_different_seeds_draw_differently():
         _fit(model, [EquivarianceAlgorithm()], seed=seed, microbatch=1, loggers=[logger])
         logs.append([v for _, v in logger.data['eqvae/scale_h']])
     assert logs[0] != logs[1]
+
+
+def _draws_on_rank(monkeypatch, rank, **kwargs):
+    from composer.utils import dist
+
+    monkeypatch.setattr(dist, 'get_global_rank', lambda: rank)
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_weight=0))
+    state = _state(model, {'image': torch.zeros(1, 3, 32, 32)})
+    algo = EquivarianceAlgorithm(**kwargs)
+    algo.apply(Event.INIT, state, Logger(state))
+    assert state.seed == rank  # Composer's per-rank seed: rank_zero_seed (0) + rank
+    return [algo.draw(algo._seed, batch, 0) for batch in range(40)]
+
+
+def test_draws_are_per_rank_by_default_and_shared_with_shared_draws(monkeypatch):
+    assert _draws_on_rank(monkeypatch, 0) != _draws_on_rank(monkeypatch, 1)
+    assert _draws_on_rank(monkeypatch, 0, shared_draws=True) == _draws_on_rank(monkeypatch, 1, shared_draws=True)
+
+
+def test_lowres_isotropic_draws_one_scale_for_the_low_resolution_branch_only():
+    def scales(**kwargs):
+        algo = EquivarianceAlgorithm(anisotropic=True, **kwargs)
+        draws = [algo.draw(0, batch, 0) for batch in range(200)]
+        return {branch: [(t.scale_h, t.scale_w) for b, t in draws if b == branch] for branch in Branch}
+
+    default, reference = scales(), scales(lowres_isotropic=True)
+    assert any(h != w for h, w in default[Branch.LOW_RES])
+    assert reference[Branch.LOW_RES] and all(h == w for h, w in reference[Branch.LOW_RES])
+    assert any(h != w for h, w in reference[Branch.EQUIVARIANCE])  # the equivariance branch stays anisotropic

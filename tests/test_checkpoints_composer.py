@@ -38,9 +38,8 @@ class RecordWeights(Callback):
                                 for k, v in state.model.state_dict().items() if k.startswith(VAE_PREFIX)})
 
 
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('run')
+def fit_two_batches(folder: Path, ema: EMA) -> tuple[Trainer, RecordWeights]:
+    """A 2-batch run with ``ema`` that saves its checkpoint at batch 2 in ``folder``."""
     torch.manual_seed(0)
     model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=1),
                                   eval_metrics=())
@@ -51,7 +50,7 @@ def run(tmp_path_factory):
         train_dataloader=torch.utils.data.DataLoader(data, batch_size=2),
         optimizers=torch.optim.Adam(model.param_groups(lr=1e-2)),
         max_duration='2ba',
-        algorithms=[EMA(half_life='1ba')],  # smoothing 0.5
+        algorithms=[ema],
         callbacks=[recorder, AutoencoderConfigRecorder()],
         save_folder=str(folder),
         save_interval='2ba',
@@ -59,6 +58,13 @@ def run(tmp_path_factory):
         log_to_console=False,
     )
     trainer.fit()
+    return trainer, recorder
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('run')
+    trainer, recorder = fit_two_batches(folder, EMA(half_life='1ba'))  # smoothing 0.5
     w1, w2 = recorder.after_step
     # EMA starts at the first update as a copy of the weights, then averages with smoothing 0.5.
     ema = {k: 0.5 * w1[k] + 0.5 * w2[k] for k in w2}
@@ -143,3 +149,39 @@ def test_checkpoint_without_ema_gives_the_model_weights(run):
     assert which == 'raw'
     model_state = checkpoint['state']['model']
     assert all(torch.equal(v, model_state[VAE_PREFIX + k]) for k, v in state.items())
+
+
+def test_ema_not_started_yet_gives_the_trained_weights(tmp_path):
+    # Before `ema_start`, Composer's EMA holds a copy of the initial weights: not EMA weights.
+    trainer, recorder = fit_two_batches(tmp_path, EMA(half_life='1ba', ema_start='3ba'))
+    trained = recorder.after_step[-1]
+    vae, which = load_composer_checkpoint(tmp_path / 'latest-rank0.pt')
+    assert which == 'raw'
+    assert_weights(vae, trained)
+    vae, which = trained_autoencoder(trainer.state)
+    assert which == 'raw'
+    assert_weights(vae, trained)
+
+
+def _fsdp1(name: str) -> str:  # FSDP1 wraps the model and, with auto-wrap, submodules anywhere in the tree
+    return '_fsdp_wrapped_module.' + name.replace('vae.encoder.', 'vae.encoder._fsdp_wrapped_module.')
+
+
+def _ddp_compiled_checkpointed(name: str) -> str:
+    return 'module._orig_mod.' + name.replace('vae.decoder.', 'vae.decoder._checkpoint_wrapped_module.')
+
+
+@pytest.mark.parametrize('wrapped', [
+    pytest.param(lambda name: f'module.{name}', id='DDP'),
+    pytest.param(_fsdp1, id='FSDP1'),
+    pytest.param(lambda name: f'_orig_mod.{name}', id='compiled'),
+    pytest.param(_ddp_compiled_checkpointed, id='DDP-compiled-activation-checkpointed'),
+])
+def test_wrapper_components_are_removed_from_model_and_ema_names(run, wrapped):
+    checkpoint = read_checkpoint_file(run['checkpoint'])
+    state = checkpoint['state']
+    state['model'] = {wrapped(k): v for k, v in state['model'].items()}
+    ema_model = dict(state['algorithms'])['EMA']['ema_model']  # EMA names its copies by named_parameters()
+    ema_model['named_parameters_dict'] = {wrapped(k): v for k, v in ema_model['named_parameters_dict'].items()}
+    assert_weights(load_composer_checkpoint(checkpoint)[0], run['ema'], exact=False)
+    assert_weights(load_composer_checkpoint(checkpoint, ema=False)[0], run['raw'])

@@ -1,4 +1,5 @@
-"""Raw folders -> MDS: every source layout, bad inputs, reports, parallel = serial, remote, resume."""
+"""Raw folders -> MDS: every source layout, bad inputs, reports, parallel = serial, resume (remote outputs: see
+test_data_object_store.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from eqvae_composer.data.convert import ConvertOptions, NoUsableImagesError, Out
 from eqvae_composer.data.demo import DEMO_EVAL_PHOTOS, DEMO_TRAIN_PHOTOS
 from eqvae_composer.data.sources import list_folder
 from tests.data_fixtures import (
+    dataset_files,
     jpeg_bytes,
     photo,
     read_mds,
     read_skipped,
-    streaming_env,  # noqa: F401  (fixture, used by name)
     write_image,
+    write_many_images,
 )
 
 QUIET = ConvertOptions(progress=False, workers=1)
@@ -214,20 +216,7 @@ def test_demo_conversion(tmp_path):
 
 @pytest.fixture
 def many_images(tmp_path):
-    root = tmp_path / 'many'
-    for i in range(23):
-        write_image(root / f'{i % 3}' / f'{i:03d}.jpg', photo(48 + i, 40, i))
-    _write_bytes(root / '1' / 'zz_broken.jpg', b'\xff\xd8\xff garbage')
-    return root
-
-
-def _dataset_files(folder) -> dict[str, bytes]:
-    return {
-        os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), 'rb').read()
-        for d, _, files in os.walk(folder)
-        for f in files
-        if not d.endswith('.convert')
-    }
+    return write_many_images(tmp_path / 'many')
 
 
 def test_parallel_output_equals_serial_and_shards_split(many_images, tmp_path):
@@ -235,32 +224,11 @@ def test_parallel_output_equals_serial_and_shards_split(many_images, tmp_path):
     serial = convert_split(listing, str(tmp_path / 'serial'), _options(part_size=5, size_limit=1 << 12))
     parallel = convert_split(listing, str(tmp_path / 'parallel'), _options(part_size=5, size_limit=1 << 12, workers=2))
     assert serial.written == parallel.written == 23 and len(parallel.skipped) == 1
-    assert _dataset_files(tmp_path / 'serial') == _dataset_files(tmp_path / 'parallel')  # byte for byte
+    assert dataset_files(tmp_path / 'serial') == dataset_files(tmp_path / 'parallel')  # byte for byte
     index = json.loads((tmp_path / 'parallel' / 'index.json').read_text())
     assert len(index['shards']) > 5  # tiny size_limit: several shards per part
     expected = [f.key for f in listing.files if 'broken' not in f.key]
     assert [s['key'] for s in read_mds(tmp_path / 'parallel')] == expected
-
-
-@pytest.mark.usefixtures('streaming_env')
-def test_remote_output_with_local_staging(many_images, tmp_path):
-    from streaming import StreamingDataset
-
-    remote, staging = tmp_path / 'bucket' / 'train', tmp_path / 'staging'
-    (summary,) = convert(
-        'folder', str(remote), input=str(many_images), options=_options(local=str(staging), part_size=10, workers=2)
-    )
-    assert summary.written == 23
-    assert (remote / 'index.json').exists() and (remote / 'skipped.jsonl').exists()
-    assert sorted(p.name for p in remote.iterdir() if p.name.startswith('part_')) == [
-        'part_00000',
-        'part_00001',
-        'part_00002',
-    ]
-    # Stream it back from the "remote" through a fresh local cache.
-    dataset = StreamingDataset(remote=str(remote), local=str(tmp_path / 'cache'), shuffle=False)
-    keys = [dataset[i]['key'] for i in range(dataset.num_samples)]
-    assert keys == [s['key'] for s in read_mds(remote)] and len(keys) == 23
 
 
 def test_interrupted_run_resumes_and_other_outputs_are_refused(many_images, tmp_path):
@@ -268,18 +236,18 @@ def test_interrupted_run_resumes_and_other_outputs_are_refused(many_images, tmp_
     options = _options(part_size=8)
     listing = list_folder(str(many_images))[0]
     convert_split(listing, str(out), options)
-    complete = _dataset_files(out)
+    complete = dataset_files(out)
     # Simulate a crash while writing part 1: no finish marker, a half-written shard, no index yet.
     os.remove(out / '.convert' / 'part_00001.json')
     os.remove(out / 'index.json')
     (out / 'part_00001' / 'shard.00000.mds').write_bytes(b'half a shard')
     resumed = convert_split(listing, str(out), options)
     assert resumed.resumed_parts == 2 and resumed.processed == 8 and resumed.written == 23
-    assert _dataset_files(out) == complete
+    assert dataset_files(out) == complete
     # Other options over the same output: refused, nothing touched.
     with pytest.raises(OutputExistsError, match='--overwrite'):
         convert_split(listing, str(out), _options(part_size=8, min_side=32))
-    assert _dataset_files(out) == complete
+    assert dataset_files(out) == complete
     # A folder with unrelated content: refused.
     (tmp_path / 'other').mkdir()
     (tmp_path / 'other' / 'keep.txt').write_text('mine')
@@ -287,7 +255,7 @@ def test_interrupted_run_resumes_and_other_outputs_are_refused(many_images, tmp_
         convert_split(listing, str(tmp_path / 'other'), options)
     # --overwrite starts over.
     assert convert_split(listing, str(out), _options(part_size=8, overwrite=True)).resumed_parts == 0
-    assert _dataset_files(out) == complete
+    assert dataset_files(out) == complete
 
 
 def test_nothing_usable_raises_with_summaries(tmp_path):

@@ -19,6 +19,7 @@ from eqvae_composer.data.dataset import (
     build_image_dataloader,
     padding_mask,
 )
+from eqvae_composer.data.transforms import open_image, sample_train_box
 from tests.data_fixtures import jpeg_bytes, photo, streaming_env  # noqa: F401  (fixture, used by name)
 
 # Every test here creates StreamingDatasets, whose shared memory must not leak into the next test.
@@ -67,6 +68,24 @@ def test_train_crops_reproducible_per_seed_epoch_and_index(demo_mds):
     rng = dataset._crop_rng(3)
     assert rng.uniform() == np.random.default_rng((7, 0, 3)).uniform()
     assert not torch.equal(dataset[3]['image'], dataset[4]['image'])
+
+
+def test_resize_filter_reaches_the_training_crop_and_is_refused_for_eval(demo_mds):
+    area = StreamingImageDataset(local=str(demo_mds / 'train'), resolution=32, shuffle_seed=7, draft=False,
+                                 resize_filter='area_cv2')
+    default = StreamingImageDataset(local=str(demo_mds / 'train'), resolution=32, shuffle_seed=7, draft=False)
+    # The same crop, resized by the reference's filter: OpenCV's INTER_AREA on the uint8 crop.
+    import cv2
+
+    img = open_image(area.get_item(3)['image']).convert('RGB')
+    left, top, right, bottom = sample_train_box(*img.size, np.random.default_rng((7, 0, 3)))
+    crop = np.ascontiguousarray(np.asarray(img)[top:bottom, left:right])
+    expected = cv2.resize(crop, (32, 32), interpolation=cv2.INTER_AREA)
+    got = ((area[3]['image'] + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert not torch.equal(area[3]['image'], default[3]['image'])
+    with pytest.raises(ValueError, match='applies to the training crop'):
+        StreamingImageDataset(local=str(demo_mds / 'val'), train=False, resize_filter='area_cv2')
 
 
 def test_x_column_dataset_like_streaming_imagenet_converter(tmp_path):

@@ -56,6 +56,44 @@ def test_crop_resize_matches_pil_antialiased_bicubic(box):
     assert difference.mean() < 0.1 and np.quantile(difference, 0.999) <= 1
 
 
+def _area_weights(size: int, out: int) -> np.ndarray:
+    """``(out, size)``: the overlap of input pixel [j, j + 1] with output pixel i's span, over the span."""
+    scale = size / out
+    starts, ends = np.arange(out)[:, None] * scale, (np.arange(out)[:, None] + 1) * scale
+    j = np.arange(size)[None, :]
+    return np.clip(np.minimum(ends, j + 1) - np.maximum(starts, j), 0, None) / scale
+
+
+@pytest.mark.parametrize('box', [(0, 0, 256, 256), (8, 40, 520, 552), (37, 11, 337, 311), (100, 0, 160, 60)])
+def test_area_cv2_is_the_area_filter_on_the_crop(box):  # same size, down 2x, down 1.17x, up
+    img = photo(600, 560, seed=3)
+    ours = _hwc(decode_crop_resize(img, box, 256, resize_filter='area_cv2'))
+    crop = np.asarray(img.crop(box)).astype(np.float64)
+    side = box[2] - box[0]
+    if side == 256:  # the reference does not resize a crop that is already the right size
+        np.testing.assert_array_equal(ours, crop)
+    elif side == 512:  # an exact 2x reduction: each pixel is the rounded mean of its 2 x 2 block
+        block_means = crop.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))
+        assert np.abs(ours - block_means).max() <= 0.5
+    elif side > 256:  # a fractional reduction: each output pixel averages the input area it covers
+        weights = _area_weights(side, 256)
+        reference = np.stack([weights @ crop[..., c] @ weights.T for c in range(3)], axis=-1)
+        assert np.abs(ours - reference).max() <= 0.5 + 1e-6  # the exact area average, rounded to uint8
+    else:  # an enlargement: OpenCV's INTER_AREA interpolates bilinearly there
+        reference = np.asarray(img.crop(box).resize((256, 256), Image.Resampling.BILINEAR)).astype(np.float64)
+        assert np.abs(ours - reference).mean() < 1.5
+    if side != 256:  # and it is not the default filter
+        assert np.abs(ours - _hwc(decode_crop_resize(img, box, 256))).mean() > 0.1
+
+
+def test_area_cv2_needs_a_whole_pixel_box_and_unknown_filters_are_named():
+    img = photo(301, 200)
+    with pytest.raises(ValueError, match='whole-pixel'):
+        decode_crop_resize(img, eval_box(301, 200), 64, resize_filter='area_cv2')
+    with pytest.raises(ValueError, match='resize_filter must be one of'):
+        decode_crop_resize(img, (0, 0, 200, 200), 64, resize_filter='lanczos')
+
+
 def test_to_tensor_range_and_layout():
     img = Image.fromarray(np.array([[[0, 255, 127]]], np.uint8))
     for pixels in (img, torch.tensor([[[0]], [[255]], [[127]]], dtype=torch.uint8)):

@@ -22,8 +22,9 @@ _GLOO_FSDP2_GRAD_SCALE = 2
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
-def _launch(out: Path, mode: str, nproc: int, lr_scale: int = 1) -> dict[str, torch.Tensor]:
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'FSDP_VERSION': '2', 'LR_SCALE': str(lr_scale)}
+def _launch(out: Path, mode: str, nproc: int, lr_scale: int = 1, gan_updates: str = 'joint') -> dict[str, torch.Tensor]:
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'FSDP_VERSION': '2', 'LR_SCALE': str(lr_scale),
+           'GAN_UPDATES': gan_updates}
     cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), str(SCRIPT), str(out), mode, '4']
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -35,10 +36,11 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize('mode', ['ddp', 'fsdp'])
-def test_two_processes_match_each_other_and_one_process(mode, tmp_path):
-    ranks = _launch(tmp_path, mode, 2)
+@pytest.mark.parametrize('gan_updates', ['joint', 'alternating'])
+def test_two_processes_match_each_other_and_one_process(mode, gan_updates, tmp_path):
+    ranks = _launch(tmp_path, mode, 2, gan_updates=gan_updates)
     scale = _GLOO_FSDP2_GRAD_SCALE if mode == 'fsdp' else 1
-    single = _launch(tmp_path, 'ddp', 1, lr_scale=scale)[0]
+    single = _launch(tmp_path, 'ddp', 1, lr_scale=scale, gan_updates=gan_updates)[0]
     init = _params(tmp_path / f'{mode}_w2_init.pt')
     moved = [n for n in init if not torch.equal(init[n], ranks[0][n])]
     assert any('decoder' in n for n in moved) and any('discriminator' in n for n in moved)  # it trained

@@ -61,7 +61,7 @@ def _reference_two_pass(model, x, seed):
     model.zero_grad()
     d_loss.backward()
     d_grads = {n: p.grad.clone() for n, p in model.named_parameters() if id(p) in disc_ids}
-    return {**ae_grads, **d_grads}, (ae_loss + d_loss).item(), d_weight.item()
+    return {**ae_grads, **d_grads}, (ae_loss.item(), d_loss.item()), d_weight.item()
 
 
 def _ours(model, x, seed):
@@ -93,7 +93,7 @@ def _forward_with_seed(model, x, seed):
 def test_gradients_equal_the_two_pass_reference(learn_logvar):
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     model = _model(learn_logvar=learn_logvar)
-    expected, expected_total, expected_weight = _reference_two_pass(model, x, seed=7)
+    expected, (ae_loss, d_loss), expected_weight = _reference_two_pass(model, x, seed=7)
     grads, losses = _ours(model, x, seed=7)
     assert set(grads) == set(expected)
     for name, grad in expected.items():
@@ -101,7 +101,9 @@ def test_gradients_equal_the_two_pass_reference(learn_logvar):
         # (with a floor for attention key biases, whose true gradient is exactly zero: softmax ignores them).
         scale = grad.abs().max().item()
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=max(1e-4 * scale, 2e-5), msg=name)
-    assert losses['total'].item() == pytest.approx(expected_total, rel=1e-5)
+    # The logged total is the autoencoder's loss, as the reference's train/total_loss; 'disc' is D's.
+    assert losses['total'].item() == pytest.approx(ae_loss, rel=1e-5)
+    assert losses['disc'].item() == pytest.approx(d_loss, rel=1e-5) and d_loss > 0
     assert losses['disc_weight'].item() == pytest.approx(expected_weight, rel=1e-4)
     assert 0 < expected_weight  # the adaptive weight is live, so the comparison means something
 
@@ -126,6 +128,7 @@ def test_discriminator_gets_only_its_own_gradient_and_logged_terms_hold_no_graph
 def test_disc_start_switches_gan_terms_off_before_it():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=5, disc_num_filters=8))
+    model.global_step = 4
     outputs = model({'image': x})
     early = model.loss(outputs, {'image': x})
     assert early['disc_factor'] == 0 and early['disc'] == 0 and early['disc_weight'] == 0
@@ -135,11 +138,39 @@ def test_disc_start_switches_gan_terms_off_before_it():
     assert late['disc_factor'] == 1 and late['disc_weight'] > 0
 
 
+def test_disc_start_without_a_step_source_is_an_error_not_step_zero_forever():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=5, disc_num_filters=8))
+    with pytest.raises(RuntimeError, match='GlobalStepCallback'):
+        model.loss(model({'image': x}), {'image': x})
+    model.eval()  # evaluation needs no step
+    model.loss(model({'image': x}), {'image': x})
+
+
+def test_disc_start_follows_the_trainer_with_global_step_callback():
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+    from torch.utils.data import DataLoader
+
+    from eqvae_composer.callbacks import GlobalStepCallback
+
+    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=2, disc_num_filters=8,
+                                                         disc_num_layers=1))
+    logger = InMemoryLogger()
+    images = [{'image': torch.rand(3, 32, 32) * 2 - 1} for _ in range(8)]
+    Trainer(model=model, train_dataloader=DataLoader(images, batch_size=2), max_duration='4ba',
+            optimizers=torch.optim.Adam(model.param_groups(lr=1e-4)), callbacks=[GlobalStepCallback()],
+            loggers=[logger], device='cpu', progress_bar=False, log_to_console=False).fit()
+    factors = [float(v) for _, v in logger.data['loss/train/disc_factor']]
+    assert factors == [0.0, 0.0, 1.0, 1.0]
+
+
 def test_loss_keys_are_the_same_in_every_configuration():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     configs = [dict(lpips_weight=0, disc_weight=0), dict(lpips_weight=0, disc_start=10), dict(lpips_weight=0)]
     for kwargs in configs:
         model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(disc_num_filters=8, **kwargs))
+        model.global_step = 0
         assert set(model.loss(model({'image': x}), {'image': x})) == set(LOSS_KEYS)
 
 
@@ -200,7 +231,7 @@ def test_losses_are_fp32_under_bf16_autocast():
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients_and_adaptive_weight():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     plain = _model()
-    expected, expected_total, expected_weight = _reference_two_pass(plain, x, seed=5)
+    expected, (ae_loss, _), expected_weight = _reference_two_pass(plain, x, seed=5)
     model = _model()
     model = ComposerAutoencoderKL(model.vae, model.loss_fn, gradient_checkpointing=True)
     block = model.vae.decoder.up_blocks[0]
@@ -211,5 +242,130 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients_and_adapti
     for name, grad in expected.items():
         scale = grad.abs().max().item()
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=max(1e-4 * scale, 2e-5), msg=name)
-    assert losses['total'].item() == pytest.approx(expected_total, rel=1e-5)
+    assert losses['total'].item() == pytest.approx(ae_loss, rel=1e-5)
     assert losses['disc_weight'].item() == pytest.approx(expected_weight, rel=1e-4) and expected_weight > 0
+
+
+def test_autoencoder_phase_is_the_reference_first_pass_and_leaves_the_discriminator_alone():
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    model = _model()
+    expected, (ae_loss, _), expected_weight = _reference_two_pass(model, x, seed=7)
+    model.zero_grad()
+    with model.gan_phase('autoencoder'):
+        outputs = _forward_with_seed(model, x, seed=7)
+        losses = model.loss(outputs, {'image': x})
+    losses['total'].backward()
+    disc_ids = {id(p) for p in model.loss_fn.discriminator.parameters()}
+    for name, param in model.named_parameters():
+        if id(param) in disc_ids:
+            assert param.grad is None, name
+        else:
+            scale = expected[name].abs().max().item()
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-3, atol=max(1e-4 * scale, 2e-5), msg=name)
+    assert losses['total'].item() == pytest.approx(ae_loss, rel=1e-5)
+    assert losses['disc_weight'].item() == pytest.approx(expected_weight, rel=1e-4) and expected_weight > 0
+    assert losses['disc'] == 0 and losses['logits_real'] == 0 and set(losses) == set(LOSS_KEYS)
+
+
+def test_discriminator_phase_trains_only_the_discriminator_on_a_reconstruction_without_graph():
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    model = _model()
+    lpips_calls = []
+    model.loss_fn.lpips.register_forward_hook(lambda *args: lpips_calls.append(1))
+    with model.gan_phase('discriminator'):
+        outputs = _forward_with_seed(model, x, seed=11)
+        losses = model.loss(outputs, {'image': x})
+    assert not outputs['reconstruction'].requires_grad  # no autoencoder graph is built
+    losses['total'].backward()
+    disc = model.loss_fn.discriminator
+    disc_ids = {id(p) for p in disc.parameters()}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in disc_ids)
+    # The hinge loss, by hand, on the same reconstruction (the posterior noise seeded alike).
+    with torch.no_grad():
+        x_hat = _forward_with_seed(model, x, seed=11)['reconstruction']
+    hinge = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(x_hat)).mean())
+    for param, grad in zip(disc.parameters(), torch.autograd.grad(hinge, list(disc.parameters()))):
+        torch.testing.assert_close(param.grad, grad)
+    assert losses['disc'].item() == pytest.approx(hinge.item(), rel=1e-6)
+    assert losses['total'].item() == 0  # the logged total is the autoencoder's loss, logged in its own pass
+    assert all(losses[k] == 0 for k in ('nll', 'rec', 'l1', 'lpips', 'kl', 'g', 'disc_weight'))
+    assert not lpips_calls  # LPIPS is not run for the discriminator's pass
+
+
+def test_gan_phase_is_checked_and_restored():
+    model = _model()
+    with pytest.raises(ValueError, match='phase must be one of'):
+        with model.gan_phase('generator'):
+            pass
+    with pytest.raises(RuntimeError), model.gan_phase('discriminator'):
+        raise RuntimeError
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model({'image': x})['reconstruction'].requires_grad  # back to the joint pass
+
+
+def test_always_train_discriminator_trains_it_at_zero_weight_without_touching_the_autoencoder():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    kwargs = dict(lpips_weight=0, disc_weight=0, disc_num_filters=8)
+    without = ComposerAutoencoderKL(tiny_vae(seed=4), VAEGANLoss(**kwargs), sample_posterior=False)
+    model = ComposerAutoencoderKL(tiny_vae(seed=4), VAEGANLoss(always_train_discriminator=True, **kwargs),
+                                  sample_posterior=False)
+    assert without.loss_fn.discriminator is None
+    disc = model.loss_fn.discriminator
+    assert disc is not None and len(model.param_groups(lr=1e-4)) == 2  # the reference's opt_disc
+    losses = model.loss(model({'image': x}), {'image': x})
+    losses['total'].backward()
+    reference = without.loss(without({'image': x}), {'image': x})
+    reference['total'].backward()
+    # The autoencoder's gradient is that of nll + KL alone (generator weight 0), as without a discriminator.
+    for (name, a), b in zip(model.vae.named_parameters(), without.vae.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    # The discriminator still learns from its hinge loss.
+    with torch.no_grad():
+        x_hat = model({'image': x})['reconstruction']
+    hinge = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(x_hat)).mean())
+    for param, grad in zip(disc.parameters(), torch.autograd.grad(hinge, list(disc.parameters()))):
+        torch.testing.assert_close(param.grad, grad)
+    assert losses['disc_weight'] == 0 and losses['disc'] > 0
+    assert losses['total'].item() == pytest.approx(reference['total'].item(), rel=1e-6)
+
+
+def _vgg_lpips():
+    """The package's LPIPS-VGG (its calibrated linear layers, with dropout) on a random VGG trunk: no download."""
+    import lpips
+
+    torch.manual_seed(0)
+    return lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)
+
+
+def test_lpips_dropout_trains_like_the_reference_module_in_train_mode_and_evaluates_without_it():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_hat = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    net = _vgg_lpips()
+    loss = VAEGANLoss(lpips=net, lpips_dropout=True, disc_weight=0, kl_weight=0)
+    posterior = tiny_vae().encode(x).latent_dist
+    conv = nn.Conv2d(1, 3, 1)
+
+    def lpips_term(seed):
+        torch.manual_seed(seed)
+        return loss(x, x_hat, posterior, conv, None)['lpips'].item()
+
+    # The reference: taming's LPIPS module, put in train mode by Lightning's model.train().
+    reference_net = _vgg_lpips().train()
+    torch.manual_seed(1)
+    reference = reference_net(x, x_hat).mean().item()
+    torch.manual_seed(0)
+    without_dropout = net(x, x_hat).mean().item()
+    assert lpips_term(1) == pytest.approx(reference, rel=1e-6)
+    assert lpips_term(2) != pytest.approx(lpips_term(1), rel=1e-3)  # the dropout masks are live
+    assert not any(m.training for m in net.modules())  # the shared network is left in eval mode
+    loss.eval()
+    assert lpips_term(1) == pytest.approx(without_dropout, rel=1e-6) == lpips_term(2)  # evaluation: no dropout
+    off = VAEGANLoss(lpips=net, disc_weight=0, kl_weight=0)  # the default: eval-mode LPIPS while training
+    assert off(x, x_hat, posterior, conv, None)['lpips'].item() == pytest.approx(without_dropout, rel=1e-6)
+
+
+def test_lpips_dropout_needs_a_network_with_dropout():
+    with pytest.raises(ValueError, match='lpips_dropout needs'):
+        VAEGANLoss(lpips_weight=0, lpips_dropout=True)
+    with pytest.raises(ValueError, match='no Dropout layer'):
+        VAEGANLoss(lpips=TinyPerceptual(), lpips_dropout=True)

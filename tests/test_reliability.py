@@ -34,8 +34,8 @@ def nan_kl_at_batch_1(monkeypatch):
     """The KL term (and through it the total and the encoder's gradients) is NaN at training batch 1."""
     original = VAEGANLoss._terms
 
-    def terms(self, x, x_hat, posterior, last_layer, last_layer_input, global_step):
-        values = original(self, x, x_hat, posterior, last_layer, last_layer_input, global_step)
+    def terms(self, x, x_hat, posterior, last_layer, last_layer_input, global_step, *rest):
+        values = original(self, x, x_hat, posterior, last_layer, last_layer_input, global_step, *rest)
         if self.training and global_step == 1:
             poisoned = values['kl'] * float('nan')
             values['total'] = values['total'] + self.kl_weight * poisoned

@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from composer.distributed.dist_strategy import DDPSyncStrategy
 from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 from PIL import Image
 from streaming import MDSWriter
 from streaming.base.util import clean_stale_shared_memory
 
-from eqvae_composer.models import ComposerAutoencoderKL
+from eqvae_composer import train as train_module
+from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL
 from eqvae_composer.train import ConfigError, OptimizerConfig, build_optimizer, load_config, train
 from tests.conftest import tiny_vae, tiny_vae_config
 
@@ -60,7 +62,7 @@ def run_config(tmp_path, train_dir, val_dir, **overrides):
     return OmegaConf.merge(cfg, OmegaConf.create(overrides))
 
 
-@pytest.mark.parametrize('name', ['demo.yaml', 'eqvae.yaml', 'eqvae-fsdp.yaml'])
+@pytest.mark.parametrize('name', ['demo.yaml', 'eqvae.yaml', 'eqvae-fsdp.yaml', 'eqvae-reference.yaml'])
 def test_shipped_yamls_are_valid(name):
     cfg = load_config(REPO / 'yamls' / name)
     assert 'equivariance' in cfg.algorithms
@@ -69,6 +71,34 @@ def test_shipped_yamls_are_valid(name):
         assert cfg.optimizer.lr == pytest.approx(7.2e-4) and cfg.optimizer.betas == [0.5, 0.9]
         assert cfg.max_duration == '5ep' and cfg.precision == 'amp_bf16' and cfg.autoresume
         assert cfg.model.vae.pretrained == 'CompVis/stable-diffusion-v1-4' and cfg.model.vae.subfolder == 'vae'
+
+
+def test_reference_yaml_is_the_recipe_with_every_reference_option_on():
+    reference = load_config(REPO / 'yamls' / 'eqvae-reference.yaml')
+    recipe_with_options = load_config(REPO / 'yamls' / 'eqvae.yaml', [
+        'run_name=eqvae-sdvae-reference',
+        'variables.run_dir=runs/eqvae-sdvae-reference',
+        'optimizer.gan_updates=alternating',
+        'model.loss.lpips_dropout=true',
+        'model.loss.always_train_discriminator=true',
+        'algorithms.equivariance.shared_draws=true',
+        'algorithms.equivariance.lowres_isotropic=true',
+        'train_loader.dataset.resize_filter=area_cv2',
+        'train_loader.dataset.draft=false',
+    ])
+    assert reference == recipe_with_options
+
+
+def test_alternating_updates_build_the_alternating_optimizer_and_ddp_forced_sync(tmp_path, mds):
+    overrides = {'optimizer': {'gan_updates': 'alternating'},
+                 'model': {'loss': {'disc_weight': 0, 'always_train_discriminator': True}}}
+    trainer = train(run_config(tmp_path, *mds, **overrides), fit=False)
+    assert isinstance(trainer.state.optimizers[0], AlternatingAdam)
+    assert trainer._ddp_sync_strategy == DDPSyncStrategy.FORCED_SYNC  # composer 0.32 internals
+    assert trainer.state.model.loss_fn.discriminator is not None  # trained at disc_weight 0, as the reference
+    joint = train(run_config(tmp_path, *mds), fit=False)
+    assert type(joint.state.optimizers[0]) is torch.optim.Adam
+    assert joint._ddp_sync_strategy == DDPSyncStrategy.SINGLE_AUTO_SYNC
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -100,10 +130,33 @@ def test_missing_data_path_is_named(tmp_path, mds):
     ({'algorithms': {'mixup': {}}}, "unknown algorithms 'mixup'"),
     ({'algorithms': {'equivariance': {'p_equivariance': 2}}}, 'p_equivariance must be in'),
     ({'model': {'eval_metrics': ['FID']}}, "unknown eval_metrics"),
+    ({'optimizer': {'gan_updates': 'alternate'}}, "'optimizer.gan_updates'.*expected one of"),
+    # 32 px with the grid's 8/32 gives 8 px images; a 2-layer PatchGAN needs 12.
+    ({'model': {'loss': {'disc_num_layers': 2}}}, r'8 px images.*at least 12 px.*64 px.*disc_num_layers'),
 ])
 def test_invalid_settings_stop_before_training(tmp_path, mds, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         train(run_config(tmp_path, *mds, **overrides), fit=False)
+
+
+@pytest.mark.parametrize('version', [None, '1'])
+def test_fsdp_without_fsdp_version_2_stops_before_data_or_model_load(tmp_path, mds, monkeypatch, version):
+    def not_yet(*args, **kwargs):
+        raise AssertionError('data or model built before the FSDP_VERSION check')
+
+    monkeypatch.setattr(train_module, 'build_image_dataloader', not_yet)
+    monkeypatch.setattr(train_module, 'build_model', not_yet)
+    if version is None:
+        monkeypatch.delenv('FSDP_VERSION', raising=False)
+    else:
+        monkeypatch.setenv('FSDP_VERSION', version)
+    cfg = run_config(tmp_path, *mds, fsdp={'state_dict_type': 'sharded'})
+    with pytest.raises(ConfigError, match=r'`fsdp` section .* FSDP_VERSION=2 .*FSDP_VERSION=2 composer -n <processes> '
+                       r'train\.py'):
+        train(cfg, fit=False)
+    monkeypatch.setenv('FSDP_VERSION', '2')  # the check passes: the data is built next
+    with pytest.raises(AssertionError, match='before the FSDP_VERSION check'):
+        train(cfg, fit=False)
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.models import ComposerModel
 
+from eqvae_composer.introspection import unwrap_model
+
 __all__ = ['GlobalStepCallback']
 
 
@@ -17,6 +19,6 @@ class GlobalStepCallback(Callback):
     """
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        model = state.model.module if hasattr(state.model, 'module') else state.model
+        model = unwrap_model(state.model)
         if isinstance(model, ComposerModel) and hasattr(model, 'global_step'):
             model.global_step = int(state.timestamp.batch)

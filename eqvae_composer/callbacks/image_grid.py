@@ -21,6 +21,7 @@ from torchvision.utils import save_image
 
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
 from eqvae_composer.evaluation.visualize import image_rows, latent_pca_rgb, upsample_nearest
+from eqvae_composer.introspection import unwrap_model
 
 __all__ = ['DEFAULT_GRID_TRANSFORMS', 'ImageGridCallback']
 
@@ -29,11 +30,6 @@ DEFAULT_GRID_TRANSFORMS: tuple[SpatialTransform, ...] = (
     SpatialTransform(quarter_turns=1),
     SpatialTransform(0.5, 0.5),
 )
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP wraps the ComposerModel; FSDP wraps its submodules in place.
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _first_images(dataloader: Any, count: int, image_key: str) -> torch.Tensor | None:
@@ -123,7 +119,7 @@ class ImageGridCallback(Callback):
 
     @torch.no_grad()
     def _render(self, state: State, logger: Logger) -> None:
-        model = _unwrap(state.model)
+        model = unwrap_model(state.model)
         autoencoder = model.autoencoder
         images = state.device.tensor_to_device(self.images)
         factor = model.downsample_factor

@@ -20,6 +20,7 @@ from eqvae_composer.checkpoints.loading import (
     read_checkpoint_file,
     resolve_config,
 )
+from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint, read_sharded_checkpoint
 
 __all__ = [
     'SD_VAE_CONFIG',
@@ -34,6 +35,7 @@ __all__ = [
     'full_vae',
     'image_loader',
     'is_composer_checkpoint',
+    'is_sharded_checkpoint',
     'latent_statistics',
     'ldm_key_map',
     'ldm_to_diffusers',
@@ -42,6 +44,7 @@ __all__ = [
     'load_for_export',
     'load_state_dict_file',
     'read_checkpoint_file',
+    'read_sharded_checkpoint',
     'resolve_config',
     'set_latent_factors',
     'trained_autoencoder',

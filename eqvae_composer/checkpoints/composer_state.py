@@ -7,7 +7,10 @@ Where things are in a Composer checkpoint (``torch.load(path)['state']``):
 * ``state['algorithms']``: ``[(name, state_dict), ...]``; Composer's ``EMA`` stores
   ``ema_model = {named_parameters_dict, named_buffers_dict}`` and ``ema_weights_active``. EMA swaps
   its averages *into* the model before every checkpoint, so with ``ema_weights_active`` the model
-  holds the EMA weights and ``ema_model`` the raw ones; otherwise the other way round.
+  holds the EMA weights and ``ema_model`` the raw ones; otherwise the other way round. Before
+  ``ema_start`` (``ema_started`` false) ``ema_model`` is a copy of the initial weights, not an average.
+  Under FSDP2 the copies are DTensors, and a sharded checkpoint keeps rank 0's shard of them only
+  (Composer pickles the algorithms' state whole, from rank 0: see ``sharded.py``).
 * ``state['callbacks'][name]``: callbacks' ``state_dict()``; ``AutoencoderConfigRecorder`` stores the
   VAE's diffusers config there, so a checkpoint carries its own architecture.
 """
@@ -22,6 +25,9 @@ from composer import Callback, State
 from composer.algorithms import EMA
 from diffusers import AutoencoderKL
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from eqvae_composer.introspection import unwrap_model
 
 __all__ = [
     'VAE_PREFIX',
@@ -35,8 +41,11 @@ __all__ = [
 
 #: Where ``ComposerAutoencoderKL`` keeps the diffusers VAE in its state dict.
 VAE_PREFIX = 'autoencoder.vae.'
-# Wrappers that may prefix parameter names (DDP, FSDP, activation checkpointing).
-_WRAPPER_PREFIXES = ('module.', '_fsdp_wrapped_module.', '_checkpoint_wrapped_module.')
+# Name components that wrappers insert into parameter names: FSDP1 and activation checkpointing wrap
+# submodules anywhere in the tree, torch.compile (`_orig_mod`) the model or any submodule. DDP's `module`
+# wraps only the outermost model, and `module` may be a real submodule's name: only leading ones are DDP's.
+_WRAPPER_COMPONENTS = frozenset({'_fsdp_wrapped_module', '_checkpoint_wrapped_module', '_orig_mod'})
+_DDP_COMPONENT = 'module'
 
 
 class AutoencoderConfigRecorder(Callback):
@@ -51,7 +60,7 @@ class AutoencoderConfigRecorder(Callback):
         self._config: dict[str, Any] | None = None
 
     def fit_start(self, state: State, logger: Any) -> None:
-        vae = getattr(_unwrap(state.model), 'vae', None)
+        vae = getattr(unwrap_model(state.model), 'vae', None)
         self._config = None if vae is None else dict(vae.config)
 
     def state_dict(self) -> dict[str, Any]:
@@ -61,14 +70,11 @@ class AutoencoderConfigRecorder(Callback):
         self._config = state.get('vae_config', self._config)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, 'module') and not hasattr(model, 'autoencoder') else model
-
-
 def _clean_name(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, '')
-    return name
+    parts = [part for part in name.split('.') if part not in _WRAPPER_COMPONENTS]
+    while parts and parts[0] == _DDP_COMPONENT:
+        parts.pop(0)
+    return '.'.join(parts)
 
 
 def _vae_part(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,7 +90,8 @@ def is_composer_checkpoint(obj: Any) -> bool:
 
 def _ema_state(algorithms: Any) -> Mapping[str, Any] | None:
     for name, algorithm_state in algorithms or ():
-        if name == EMA.__name__ and algorithm_state.get('ema_model'):
+        # Before `ema_start`, EMA holds a copy of the initial weights, not an average: no EMA weights yet.
+        if name == EMA.__name__ and algorithm_state.get('ema_model') and algorithm_state.get('ema_started', True):
             return algorithm_state
     return None
 
@@ -133,7 +140,9 @@ def recorded_vae_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _standalone(config: Mapping[str, Any], vae_state: Mapping[str, torch.Tensor]) -> AutoencoderKL:
     vae = AutoencoderKL.from_config(dict(config))
-    vae.load_state_dict({k: v.detach().to('cpu', copy=True) for k, v in vae_state.items()}, strict=True)
+    # EMA's copies of FSDP2-sharded parameters are DTensors: gathered (a collective, in the same order on every rank).
+    full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in vae_state.items()}
+    vae.load_state_dict({k: v.detach().to('cpu', copy=True) for k, v in full.items()}, strict=True)
     return vae
 
 
@@ -150,7 +159,7 @@ def full_vae(model: torch.nn.Module) -> AutoencoderKL:
     Args:
         model: ``trainer.state.model``.
     """
-    return _standalone(_unwrap(model).vae.config, _vae_part(_full_model_state(model)))
+    return _standalone(unwrap_model(model).vae.config, _vae_part(_full_model_state(model)))
 
 
 def trained_autoencoder(state: State, ema: bool = True) -> tuple[AutoencoderKL, str]:
@@ -166,7 +175,8 @@ def trained_autoencoder(state: State, ema: bool = True) -> tuple[AutoencoderKL, 
     Returns:
         ``(vae, 'EMA' | 'raw')``.
     """
-    algorithm = next((a for a in state.algorithms if isinstance(a, EMA) and a.ema_model is not None), None)
-    ema_state = None if algorithm is None else algorithm.state_dict()
-    vae_state, which = _select(_full_model_state(state.model), ema_state, ema)
-    return _standalone(_unwrap(state.model).vae.config, vae_state), which
+    # As Composer lists them in a checkpoint, so that a run's EMA reads the same in and out of one.
+    algorithms = [(EMA.__name__, a.state_dict()) for a in state.algorithms
+                  if isinstance(a, EMA) and a.ema_model is not None]
+    vae_state, which = _select(_full_model_state(state.model), _ema_state(algorithms), ema)
+    return _standalone(unwrap_model(state.model).vae.config, vae_state), which

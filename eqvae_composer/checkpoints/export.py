@@ -17,8 +17,10 @@ from eqvae_composer.checkpoints.loading import (
     _SINGLE_FILE_SUFFIXES,
     _load_single_file,
     load_autoencoder,
+    load_composer_checkpoint,
     read_checkpoint_file,
 )
+from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint
 
 __all__ = ['export_diffusers', 'export_ldm', 'load_for_export', 'set_latent_factors']
 
@@ -32,7 +34,8 @@ def load_for_export(
     """Load any ``load_autoencoder`` source and say which weights it holds.
 
     Args:
-        source: a Composer checkpoint of this project, or anything ``load_autoencoder`` accepts.
+        source: a Composer checkpoint of this project (a file, or an FSDP sharded checkpoint folder),
+            or anything ``load_autoencoder`` accepts.
         config: architecture of a single file (see ``load_autoencoder``). Default: ``None``.
         subfolder: subfolder of a diffusers folder / hub repo (``source``'s, else ``config``'s).
             Default: ``None``.
@@ -43,7 +46,9 @@ def load_for_export(
         ``(vae, weights)`` with ``weights`` one of ``'EMA'``, ``'raw'`` (a Composer checkpoint) or
         ``'stored'`` (any other source).
     """
-    path = Path(source)
+    path = Path(source).expanduser()
+    if is_sharded_checkpoint(path):
+        return load_composer_checkpoint(path, config, subfolder, ema)
     if path.is_file():
         obj = read_checkpoint_file(path)  # read once: a Composer checkpoint may have any file name
         if is_composer_checkpoint(obj) or path.suffix in _SINGLE_FILE_SUFFIXES:

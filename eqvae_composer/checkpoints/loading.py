@@ -3,8 +3,8 @@
 Accepted sources (see ``load_autoencoder``): a config dict (a new, randomly initialised model), a
 local diffusers folder, a hub id (cache first), a single LDM/CompVis file (``.ckpt``,
 ``.safetensors``, ``.pt``, ``.pth``, ``.bin``; converted with diffusers' ``convert_ldm_vae_checkpoint``),
-a bare diffusers state dict, or a Composer checkpoint of this project. Every load is strict: keys
-that are missing or unexpected are an error that lists them.
+a bare diffusers state dict, or a Composer checkpoint of this project: a file, or an FSDP sharded
+checkpoint folder. Every load is strict: keys that are missing or unexpected are an error that lists them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
 from eqvae_composer.checkpoints.composer_state import composer_vae_state, is_composer_checkpoint, recorded_vae_config
 from eqvae_composer.checkpoints.ldm import KeyMismatchError, format_keys, is_diffusers_state_dict, ldm_to_diffusers
+from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint, read_sharded_checkpoint
 
 __all__ = [
     'SD_VAE_CONFIG',
@@ -92,6 +95,21 @@ def read_checkpoint_file(path: str | os.PathLike) -> Any:
         raise AutoencoderLoadError(
             f'{path} is not a readable checkpoint file: it may be truncated (an interrupted download or copy) '
             f'or not a checkpoint at all ({type(error).__name__}: {str(error).splitlines()[0][:300]}).',
+        ) from error
+
+
+def _read_composer_checkpoint(path: str | os.PathLike) -> Any:
+    """A checkpoint file's content, or what export needs of a sharded checkpoint folder."""
+    if not is_sharded_checkpoint(path):
+        return read_checkpoint_file(path)
+    try:
+        return read_sharded_checkpoint(path)
+    # A missing index or shard or a truncated file: DCP raises many types, and CheckpointException is a BaseException.
+    except (Exception, CheckpointException) as error:
+        raise AutoencoderLoadError(
+            f'{path} is an incomplete or unreadable FSDP sharded checkpoint: a run killed while saving leaves the '
+            "folder without its .metadata index or a rank's __<rank>_0.distcp file. Export the previous checkpoint "
+            f'folder ({type(error).__name__}: {str(error).splitlines()[0][:300]}).',
         ) from error
 
 
@@ -176,7 +194,8 @@ def load_composer_checkpoint(
     match it key for key and shape for shape.
 
     Args:
-        checkpoint: the file, or its loaded contents.
+        checkpoint: the file, an FSDP sharded checkpoint folder (``ep0-ba2000/``, or the
+            ``latest-rank0.pt`` link to it), or a file's loaded contents.
         config: a diffusers config dict, or a ``config.json``, diffusers folder or hub id (e.g. the
             base VAE the run fine-tuned). Default: ``None``.
         subfolder: subfolder of ``config``'s folder or hub repo. Default: ``None``.
@@ -186,14 +205,22 @@ def load_composer_checkpoint(
         ``(vae, 'EMA' | 'raw')``.
 
     Raises:
-        AutoencoderLoadError: unreadable file, not a Composer checkpoint of this project, or weights
-            that do not match the architecture (keys and shapes listed).
+        AutoencoderLoadError: unreadable file or folder, not a Composer checkpoint of this project,
+            weights that do not match the architecture (keys and shapes listed), or weights that a
+            sharded checkpoint holds only in part (the raw weights of an FSDP run with EMA).
     """
-    obj = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint_file(checkpoint)
-    if not is_composer_checkpoint(obj):
-        raise AutoencoderLoadError(f'{checkpoint} is not a Composer checkpoint with an autoencoder.vae model.')
-    state, which = composer_vae_state(obj, ema=ema)
     name = 'Composer checkpoint' if isinstance(checkpoint, Mapping) else str(checkpoint)
+    obj = checkpoint if isinstance(checkpoint, Mapping) else _read_composer_checkpoint(checkpoint)
+    if not is_composer_checkpoint(obj):
+        raise AutoencoderLoadError(f'{name} is not a Composer checkpoint with an autoencoder.vae model.')
+    state, which = composer_vae_state(obj, ema=ema)
+    if any(isinstance(v, DTensor) for v in state.values()):
+        other = 'ema=False (scripts/export.py --raw)' if ema else 'ema=True (scripts/export.py without --raw)'
+        raise AutoencoderLoadError(
+            f"{name}: its {which} weights are incomplete. Composer's EMA keeps them in the algorithms' state, which "
+            "an FSDP sharded checkpoint saves from rank 0 alone, with rank 0's shard of each tensor. The model's "
+            f'weights are complete: load those with {other}, or save full checkpoints (fsdp.state_dict_type: full).',
+        )
     vae = _build(state, _default_config(config, subfolder, recorded_vae_config(obj)), name)
     log.info('loaded the %s weights of %s', which, name)
     return vae, which
@@ -269,7 +296,8 @@ def load_autoencoder(
             such as ``'stabilityai/sd-vae-ft-ema'``; a single file: LDM ``model.ckpt`` (Lightning
             checkpoint, keys with or without ``first_stage_model.``; its ``loss.*`` keys are
             ignored), ``.safetensors``, a bare LDM or diffusers state dict; or a Composer checkpoint
-            of this project.
+            of this project: a file, or an FSDP sharded checkpoint folder (or the ``latest-rank0.pt``
+            link to one).
         subfolder: subfolder of a diffusers folder or hub repo (or of ``config`` when that is a
             folder or hub id), e.g. ``'vae'``. Default: ``None``.
         revision: hub revision. Default: ``None``.
@@ -287,6 +315,8 @@ def load_autoencoder(
     if isinstance(source, Mapping):
         return AutoencoderKL.from_config(dict(source))
     path = Path(source).expanduser()
+    if is_sharded_checkpoint(path):
+        return load_composer_checkpoint(path, config, subfolder, ema)[0]
     if path.suffix in _SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f'autoencoder checkpoint file {path} does not exist.')

@@ -10,6 +10,10 @@ Layout of one converted split (``<out>`` or ``<out>/<split>``)::
 Files are split into fixed-size parts in sorted order, so the output is identical for any number
 of workers, each worker only holds the shard it is filling (memory is bounded by ``size_limit``
 per worker), and an interrupted run resumes: finished parts are kept, unfinished ones redone.
+
+A remote output (``s3://bucket/prefix``) has the same layout, ``.convert/`` included, and follows
+the same rules: what the remote holds decides whether a run refuses, resumes or (``overwrite``)
+deletes it and starts over. Files are staged in a local folder before they are uploaded.
 """
 
 from __future__ import annotations
@@ -25,17 +29,17 @@ import tempfile
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streaming.base.storage.upload import CloudUploader
 from streaming.base.util import bytes_to_int, merge_index
 from tqdm import tqdm
 
 from eqvae_composer.data.demo import write_demo_folders
 from eqvae_composer.data.images import PreparedImage, prepare_image
 from eqvae_composer.data.mds_writer import LeanMDSWriter
+from eqvae_composer.data.remote_output import RemoteOutput
 from eqvae_composer.data.sources import (
     SOURCES,
     SourceFile,
@@ -98,10 +102,11 @@ class ConvertOptions:
         workers: Worker processes. Default: ``None`` (every core this process may use).
         part_size: Input files per part. Fixes the output layout independently of ``workers``.
             Default: ``250`` (fine enough to keep every worker busy; see docs/BENCHMARKS.md).
-        overwrite: Delete an existing output instead of resuming or refusing. Default: ``False``.
-        local: Staging folder for a remote output. When set, ``out`` is treated as the remote (a
-            URI such as ``s3://bucket/path``, or a plain folder) and finished parts are recorded
-            here, so an interrupted upload resumes. Default: ``None`` (a temporary folder for URIs).
+        overwrite: Delete an existing output (local or remote) instead of resuming or refusing.
+            Default: ``False``.
+        local: Staging folder for a remote output (a URI such as ``s3://bucket/path``): shards are
+            written here before they are uploaded. Must be empty or an earlier staging folder; the
+            remote, not this folder, decides what is resumed. Default: ``None`` (a temporary folder).
         progress: Show a progress bar. Default: ``True``.
     """
 
@@ -123,7 +128,8 @@ class SplitSummary:
     Attributes:
         name: Split name (``None`` for the output root).
         out: Where the split was written (local folder or remote URI).
-        report: Path of the skipped-files report (local copy).
+        report: Where the skipped-files report is: a local path, or for a remote output its URI (the
+            local copy may be in a temporary staging folder, deleted at the end).
         written: Samples written.
         skipped: ``(path, reason)`` per unusable file.
         actions: Count per storage action (``kept`` = original bytes; others name the re-encode).
@@ -191,6 +197,25 @@ def _write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)  # a reader (or a resumed run) never sees half a file
 
 
+def _check_plan(out: str, previous: dict[str, Any] | None, plan: dict[str, Any]) -> None:
+    """Refuse a non-empty output unless it is an earlier run of the same ``plan`` (``previous``)."""
+    if previous != plan:
+        what = 'a conversion of other inputs or with other options' if previous else 'files not written by it'
+        raise OutputExistsError(
+            f'{out} is not empty: it holds {what}. Pass --overwrite to delete it and convert from '
+            f'scratch, or choose another --out.'
+        )
+
+
+def _finished_parts(state_names: list[str]) -> set[int]:
+    """Part indices with a finish marker, from the names in the state folder."""
+    return {
+        int(name[len('part_') : -len('.json')])
+        for name in state_names
+        if name.startswith('part_') and name.endswith('.json')
+    }
+
+
 def _prepare_output(local: str, plan: dict[str, Any], overwrite: bool) -> set[int]:
     """Make ``local`` ready to write into; return the parts a previous identical run finished.
 
@@ -206,17 +231,8 @@ def _prepare_output(local: str, plan: dict[str, Any], overwrite: bool) -> set[in
         if os.path.isfile(plan_path):
             with open(plan_path) as f:
                 previous = json.load(f)
-        if previous != plan:
-            what = 'a conversion of other inputs or with other options' if previous else 'files not written by it'
-            raise OutputExistsError(
-                f'{local} is not empty: it holds {what}. Pass --overwrite to delete it and convert from '
-                f'scratch, or choose another --out.'
-            )
-        done = {
-            int(name[len('part_') : -len('.json')])
-            for name in os.listdir(state)
-            if name.startswith('part_') and name.endswith('.json')
-        }
+        _check_plan(local, previous, plan)
+        done = _finished_parts(os.listdir(state))
         # The index is written last and marks a complete output; it is rebuilt once all parts are done.
         for name in ('index.json', SKIPPED_REPORT):
             if os.path.exists(os.path.join(local, name)):
@@ -229,6 +245,62 @@ def _prepare_output(local: str, plan: dict[str, Any], overwrite: bool) -> set[in
     os.makedirs(state, exist_ok=True)
     _write_json_atomic(plan_path, plan)
     return set()
+
+
+def _is_staging_file(name: str) -> bool:
+    return name in (_STATE_DIR, 'index.json', SKIPPED_REPORT) or name.startswith('part_')
+
+
+def _prepare_remote_output(
+    out: str, staging: str, plan: dict[str, Any], overwrite: bool
+) -> tuple[RemoteOutput, set[int]]:
+    """The remote counterpart of :func:`_prepare_output`: the same rules, decided by what the remote holds.
+
+    The staging folder is emptied of what an earlier run left in it, then given the remote's plan
+    and finish markers (read back for the summary).
+
+    Returns:
+        tuple[RemoteOutput, set[int]]: The remote, and the parts a previous identical run finished.
+
+    Raises:
+        OutputExistsError: The remote holds other objects, or a conversion with other inputs/options;
+            or the staging folder holds files a conversion did not write.
+        RemoteOutputError: The remote cannot be opened, listed, or (``overwrite``) cleared.
+    """
+    if os.path.isdir(staging):
+        foreign = sorted(name for name in os.listdir(staging) if not _is_staging_file(name))
+        if foreign:
+            raise OutputExistsError(
+                f'The staging folder {staging} (--local) holds files a conversion did not write '
+                f'({", ".join(foreign[:3])}{", ..." if len(foreign) > 3 else ""}): choose an empty or new folder.'
+            )
+        for name in os.listdir(staging):
+            path = os.path.join(staging, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    remote = RemoteOutput(out, staging)
+    os.makedirs(os.path.join(staging, _STATE_DIR), exist_ok=True)
+    names = remote.names()
+    if overwrite and names:
+        remote.delete_all()
+        names = []
+    plan_name = f'{_STATE_DIR}/{_PLAN}'
+    if not names:
+        _write_json_atomic(os.path.join(staging, plan_name), plan)
+        remote.upload(plan_name)  # first, so that an interrupted run is recognised as this conversion
+        return remote, set()
+    previous = None
+    if plan_name in names:
+        with open(remote.download(plan_name)) as f:
+            previous = json.load(f)
+    _check_plan(remote.remote, previous, plan)
+    # Objects of unfinished parts are left: the redone part writes the same names over them.
+    done = _finished_parts([name[len(_STATE_DIR) + 1 :] for name in names if name.startswith(f'{_STATE_DIR}/')])
+    for i in sorted(done):
+        remote.download(f'{_STATE_DIR}/{_part_name(i)}.json')
+    return remote, done
 
 
 @dataclass(frozen=True)
@@ -269,8 +341,8 @@ def _drain_uploads(writer: LeanMDSWriter) -> None:
         time.sleep(0.001)
 
 
-def _convert_part(job: _PartJob) -> None:
-    """Write one part with its own writer, then its finish marker. Runs in a worker."""
+def _convert_part(job: _PartJob) -> int:
+    """Write one part with its own writer, then its finish marker; return its index. Runs in a worker."""
     name = _part_name(job.index)
     part_local = os.path.join(job.local, name)
     out = (part_local, _join(job.remote, name)) if job.remote else part_local
@@ -309,10 +381,21 @@ def _convert_part(job: _PartJob) -> None:
         _drain_uploads(writer)
     _bump_progress(pending)
     marker = {'written': sum(actions.values()), 'skipped': skipped, 'actions': dict(actions)}
-    _write_json_atomic(os.path.join(job.local, _STATE_DIR, f'{name}.json'), marker)  # read back by the parent
+    # read back by the parent, which also uploads it for a remote output
+    _write_json_atomic(os.path.join(job.local, _STATE_DIR, f'{name}.json'), marker)
+    return job.index
 
 
-def _run_jobs(jobs: list[_PartJob], workers: int, total: int, initial: int, desc: str, progress: bool) -> None:
+def _run_jobs(
+    jobs: list[_PartJob],
+    workers: int,
+    total: int,
+    initial: int,
+    desc: str,
+    progress: bool,
+    part_done: Callable[[int], None],
+) -> None:
+    """Convert the parts, calling ``part_done(index)`` in this process as each one finishes."""
     bar = tqdm(total=total, initial=initial, unit='img', desc=desc, disable=not progress, smoothing=0.1)
     counter = multiprocessing.Value('q', 0)
 
@@ -324,17 +407,22 @@ def _run_jobs(jobs: list[_PartJob], workers: int, total: int, initial: int, desc
             _init_worker(counter)
             try:
                 for job in jobs:
-                    _convert_part(job)
+                    part_done(_convert_part(job))
                     show_progress()
             finally:
                 _init_worker(None)
             return
         with multiprocessing.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(counter,)) as pool:
-            result = pool.map_async(_convert_part, jobs, chunksize=1)
-            while not result.ready():
-                result.wait(0.25)
+            results = pool.imap_unordered(_convert_part, jobs, chunksize=1)
+            for _ in jobs:
+                while True:
+                    try:
+                        index = results.next(timeout=0.25)  # re-raises a worker's exception here
+                        break
+                    except multiprocessing.TimeoutError:
+                        show_progress()
+                part_done(index)
                 show_progress()
-            result.get()  # re-raises a worker's exception here
             # Let workers exit on their own: the context manager's terminate() SIGTERMs them, and a
             # worker that received it while idle on a pool lock was seen to hang the parent in join().
             pool.close()
@@ -358,9 +446,16 @@ def convert_split(listing: SplitListing, out: str, options: ConvertOptions = Con
 
     Raises:
         OutputExistsError: ``out`` holds something that is not an unfinished run of the same job.
+        RemoteOutputError: A remote ``out`` cannot be opened, listed or (``overwrite``) cleared.
+        ValueError: ``options.local`` is set for a local ``out``.
     """
     start = time.perf_counter()
-    remote = out if (options.local is not None or is_remote(out)) else None
+    remote = out if is_remote(out) else None
+    if options.local is not None and not remote:
+        raise ValueError(
+            f'--local stages the uploads to a remote --out (s3://, gs://, ...); {out} is a local folder, '
+            f'written directly: drop --local.'
+        )
     staging = None if options.local is not None or not remote else tempfile.mkdtemp(prefix='mds-staging-')
     local = options.local or staging or out
     try:
@@ -373,7 +468,12 @@ def convert_split(listing: SplitListing, out: str, options: ConvertOptions = Con
 def _convert_split(
     listing: SplitListing, out: str, local: str, remote: str | None, options: ConvertOptions, start: float
 ) -> SplitSummary:
-    done = _prepare_output(local, _fingerprint(listing, options), options.overwrite)
+    plan = _fingerprint(listing, options)
+    remote_output: RemoteOutput | None = None
+    if remote:
+        remote_output, done = _prepare_remote_output(remote, local, plan, options.overwrite)
+    else:
+        done = _prepare_output(local, plan, options.overwrite)
 
     columns = {'image': 'bytes', 'key': 'str'}
     if listing.labelled:
@@ -382,6 +482,12 @@ def _convert_split(
     parts = [listing.files[i : i + size] for i in range(0, len(listing.files), size)]
     jobs = [_PartJob(i, files, local, remote, columns, options) for i, files in enumerate(parts) if i not in done]
     done_files = sum(len(files) for i, files in enumerate(parts) if i in done)
+
+    def part_done(index: int) -> None:
+        # Its shards and index are uploaded by now: the marker is the remote's record of a finished part.
+        if remote_output:
+            remote_output.upload(f'{_STATE_DIR}/{_part_name(index)}.json')
+
     _run_jobs(
         jobs,
         options.workers or default_workers(),
@@ -389,6 +495,7 @@ def _convert_split(
         done_files,
         listing.name or 'convert',
         options.progress,
+        part_done,
     )
 
     summary = SplitSummary(
@@ -409,21 +516,20 @@ def _convert_split(
 
     with open(summary.report, 'w') as f:
         f.writelines(json.dumps({'path': path, 'reason': reason}) + '\n' for path, reason in summary.skipped)
-    target: str | tuple[str, str] = (local, remote) if remote else local
-    if remote:
-        CloudUploader.get(target, exist_ok=True, keep_local=True).upload_file(SKIPPED_REPORT)
+    if remote_output:
+        remote_output.upload(SKIPPED_REPORT)
+        summary.report = _join(remote_output.remote, SKIPPED_REPORT)
     if summary.written == 0:
         return summary  # no index: a dataset without samples is not a dataset
-    index_urls = [
-        (os.path.join(local, _part_name(i), 'index.json'), _join(remote, f'{_part_name(i)}/index.json'))
-        if remote
-        else os.path.join(local, _part_name(i), 'index.json')
-        for i in range(len(parts))
-    ]
+    index_urls = [os.path.join(local, _part_name(i), 'index.json') for i in range(len(parts))]
+    if remote_output:
+        # Uploaded parts leave no local copy; merge_index would build an S3 client per download.
+        for i in range(len(parts)):
+            remote_output.download(f'{_part_name(i)}/index.json')
     # merge_index logs routine warnings (temporary folders, non-empty output) on the root logger.
     logging.disable(logging.WARNING)
     try:
-        merge_index(index_urls, target)
+        merge_index(index_urls, (local, remote) if remote else local)
     finally:
         logging.disable(logging.NOTSET)
     summary.seconds = time.perf_counter() - start
@@ -511,7 +617,8 @@ def convert(
 
     Raises:
         FileNotFoundError: The input (or an ImageNet label file it needs) does not exist.
-        OutputExistsError: An output folder holds something that cannot be resumed.
+        OutputExistsError: An output (folder or remote prefix) holds something that cannot be resumed.
+        RemoteOutputError: A remote output cannot be opened, listed or (``overwrite``) cleared.
         NoUsableImagesError: No split had a single usable image.
     """
     with tempfile.TemporaryDirectory(prefix='eqvae-demo-') as demo_root:

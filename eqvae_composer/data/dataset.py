@@ -18,7 +18,14 @@ from numpy.typing import NDArray
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.batching import generate_work
 
-from eqvae_composer.data.transforms import decode_crop_resize, eval_box, open_image, sample_train_box, to_tensor
+from eqvae_composer.data.transforms import (
+    RESIZE_FILTERS,
+    decode_crop_resize,
+    eval_box,
+    open_image,
+    sample_train_box,
+    to_tensor,
+)
 
 __all__ = [
     'PADDING_KEY',
@@ -123,6 +130,9 @@ class StreamingImageDataset(StreamingDataset):
             ``pil`` columns, e.g. ``x`` from ``streaming.vision.convert.imagenet``). Default: ``'image'``.
         output_key: Key of the image tensor in each sample. Default: ``'image'``.
         draft: Allow reduced-size JPEG decoding. Default: ``True``.
+        resize_filter: How the training crop is resized: ``'bicubic_aa'`` (antialiased bicubic) or
+            ``'area_cv2'`` (OpenCV's ``INTER_AREA``, the reference's; with ``draft=False`` the
+            reference's pixels exactly). The eval transform keeps its own. Default: ``'bicubic_aa'``.
         **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``split``,
             ``streams``, ``cache_limit``, ``batch_size``, ...). ``streams`` may be a list or a mapping of
             names to streams (as llm-foundry's YAMLs write them), each a ``Stream`` or a dict of its
@@ -141,10 +151,16 @@ class StreamingImageDataset(StreamingDataset):
         image_column: str = 'image',
         output_key: str = 'image',
         draft: bool = True,
+        resize_filter: str = 'bicubic_aa',
         **streaming_kwargs: Any,
     ) -> None:
         if resolution < 1:
             raise ValueError(f'resolution must be positive, got {resolution}')
+        if resize_filter not in RESIZE_FILTERS:
+            raise ValueError(f'resize_filter must be one of {RESIZE_FILTERS}, got {resize_filter!r}.')
+        if not train and resize_filter != 'bicubic_aa':
+            raise ValueError('resize_filter applies to the training crop; the eval transform is fixed (set it on '
+                             'train_loader.dataset only).')
         streams = streaming_kwargs.get('streams')
         if streams:
             streaming_kwargs['streams'] = _as_streams(streams)
@@ -160,6 +176,7 @@ class StreamingImageDataset(StreamingDataset):
         self.image_column = image_column
         self.output_key = output_key
         self.draft = draft
+        self.resize_filter = resize_filter
 
     def _crop_rng(self, index: int) -> np.random.Generator:
         # next_epoch is the epoch being iterated plus one (it lives in shared memory, so every
@@ -202,7 +219,8 @@ class StreamingImageDataset(StreamingDataset):
         img = open_image(sample[self.image_column])
         width, height = img.size
         box = sample_train_box(width, height, self._crop_rng(index)) if self.train else eval_box(width, height)
-        return {self.output_key: to_tensor(decode_crop_resize(img, box, self.resolution, draft=self.draft))}
+        pixels = decode_crop_resize(img, box, self.resolution, draft=self.draft, resize_filter=self.resize_filter)
+        return {self.output_key: to_tensor(pixels)}
 
 
 def build_image_dataloader(

@@ -7,6 +7,10 @@ support scaling) vectorised, about 5x faster than ``Image.resize`` here, and lik
 crop-then-resize it only sees the crop's pixels. A box that does not fall on whole pixels (an eval
 centre crop of an odd margin) is resized by PIL, which takes fractional boxes (and, near the box's
 edges, also reads the pixels just outside it).
+
+``resize_filter='area_cv2'`` resizes the crop as the reference's training data does instead: OpenCV's
+``INTER_AREA`` on the ``uint8`` crop (zelaki/eqvae ``ldm/data/dataset.py``: ``SmallestMaxSize(...,
+interpolation=cv2.INTER_AREA)`` at line 50, applied to the square crop at line 108).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from eqvae_composer.data.images import JPEG_FORMATS, to_rgb
 
 __all__ = [
     'Box',
+    'RESIZE_FILTERS',
     'decode_crop_resize',
     'eval_box',
     'open_image',
@@ -36,6 +41,9 @@ Box = tuple[float, float, float, float]
 # the crop, so the crop must be downsampled by at least this much before scaling pays off.
 _MIN_DRAFT_FACTOR = 2
 _RESAMPLE = Image.Resampling.BICUBIC
+#: How a crop is resized to ``resolution``: PyTorch's antialiased bicubic (PIL's filter, the default)
+#: or OpenCV's ``INTER_AREA`` (the reference's training crop; whole-pixel boxes only).
+RESIZE_FILTERS = ('bicubic_aa', 'area_cv2')
 
 
 def sample_train_box(width: int, height: int, rng: np.random.Generator) -> Box:
@@ -111,7 +119,9 @@ def _is_whole(box: Box) -> bool:
     return all(float(v).is_integer() for v in box)
 
 
-def decode_crop_resize(img: Image.Image, box: Box, resolution: int, *, draft: bool = True) -> torch.Tensor:
+def decode_crop_resize(
+    img: Image.Image, box: Box, resolution: int, *, draft: bool = True, resize_filter: str = 'bicubic_aa',
+) -> torch.Tensor:
     """Decode ``img``, crop ``box`` and resize it to ``resolution`` x ``resolution`` RGB pixels.
 
     Args:
@@ -121,10 +131,16 @@ def decode_crop_resize(img: Image.Image, box: Box, resolution: int, *, draft: bo
         draft: Decode JPEGs at reduced size when the crop is downsampled by 2x or more, keeping at
             least ``resolution`` pixels across the crop. The box is then rounded to whole decoded
             pixels: it moves by at most half a decoded pixel, under half an output pixel. Default: ``True``.
+        resize_filter: One of ``RESIZE_FILTERS``; ``'area_cv2'`` needs a whole-pixel box.
+            Default: ``'bicubic_aa'``.
 
     Returns:
         torch.Tensor: ``uint8`` pixels ``[3, resolution, resolution]``.
     """
+    if resize_filter not in RESIZE_FILTERS:
+        raise ValueError(f'resize_filter must be one of {RESIZE_FILTERS}, got {resize_filter!r}.')
+    if resize_filter == 'area_cv2' and not _is_whole(box):
+        raise ValueError(f'resize_filter area_cv2 resizes whole-pixel crops (the training crop), got the box {box}.')
     scale = _draft_scale(img, box, resolution) if draft else 1
     if scale > 1:
         width, height = img.size
@@ -140,6 +156,8 @@ def decode_crop_resize(img: Image.Image, box: Box, resolution: int, *, draft: bo
         resized = rgb.resize((resolution, resolution), _RESAMPLE, box=box)
         return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
     left, top, right, bottom = (int(v) for v in box)
+    if resize_filter == 'area_cv2':
+        return _resize_area_cv2(np.asarray(rgb)[top:bottom, left:right], resolution)
     # A writable copy of the crop only; HWC memory is channels_last for the [1, 3, h, w] view below,
     # the layout PyTorch's vectorised uint8 kernel reads.
     crop = torch.from_numpy(np.array(np.asarray(rgb)[top:bottom, left:right]))
@@ -147,6 +165,14 @@ def decode_crop_resize(img: Image.Image, box: Box, resolution: int, *, draft: bo
         crop.permute(2, 0, 1).unsqueeze(0), size=(resolution, resolution), mode='bicubic', antialias=True
     )
     return resized[0].contiguous()
+
+
+def _resize_area_cv2(crop: np.ndarray, resolution: int) -> torch.Tensor:
+    """The reference's ``SmallestMaxSize(resolution, cv2.INTER_AREA)`` of a square ``uint8`` HWC crop."""
+    import cv2  # opencv-python-headless; imported here, as only this filter needs it
+
+    resized = cv2.resize(np.ascontiguousarray(crop), (resolution, resolution), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(resized).permute(2, 0, 1).contiguous()
 
 
 def to_tensor(pixels: torch.Tensor | Image.Image) -> torch.Tensor:

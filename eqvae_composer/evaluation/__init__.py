@@ -1,12 +1,15 @@
 """Evaluation: reconstruction (rFID, PSNR, SSIM, LPIPS) and latent-equivariance metrics, and the eval runner."""
 
 from eqvae_composer.evaluation.datasets import (
+    PROTOCOLS,
     ImageFolderDataset,
     IndexedDataset,
+    ReferenceImageFolder,
     build_eval_dataset,
     dataset_size,
     load_eval_image,
     rank_shard,
+    reference_shard,
 )
 from eqvae_composer.evaluation.fid import INCEPTION_FILENAME, INCEPTION_URL, ReconstructionFID, load_inception, to_uint8
 from eqvae_composer.evaluation.intrinsic_dim import (
@@ -26,6 +29,23 @@ from eqvae_composer.evaluation.metrics import (
     eval_transforms,
     quantize,
 )
+from eqvae_composer.evaluation.reference import (
+    REFERENCE_BATCH_SIZE,
+    REFERENCE_METRICS,
+    MeanPerBatch,
+    ReferenceMetrics,
+    ReferencePNGWriter,
+    reference_psnr,
+    reference_ssim,
+    reference_transform,
+    reference_uint8,
+)
+from eqvae_composer.evaluation.reference_fid import (
+    REFERENCE_INCEPTION_FILENAME,
+    REFERENCE_INCEPTION_URL,
+    ReferenceFID,
+    load_reference_inception,
+)
 from eqvae_composer.evaluation.report import format_markdown
 from eqvae_composer.evaluation.runner import ALL_METRICS, DEFAULT_METRICS, EvalProtocol, evaluate, posterior_noise
 from eqvae_composer.evaluation.visualize import image_rows, latent_pca_rgb, to_display, upsample_nearest
@@ -37,16 +57,26 @@ __all__ = [
     'EVAL_SCALES',
     'INCEPTION_FILENAME',
     'INCEPTION_URL',
+    'PROTOCOLS',
+    'REFERENCE_BATCH_SIZE',
+    'REFERENCE_INCEPTION_FILENAME',
+    'REFERENCE_INCEPTION_URL',
+    'REFERENCE_METRICS',
     'EvalProtocol',
     'ImageFolderDataset',
     'IndexedDataset',
     'LPIPSMetric',
     'LatentEquivarianceError',
     'LatentIntrinsicDimension',
+    'MeanPerBatch',
     'MeanPerImage',
     'ReconstructionFID',
     'ReconstructionPSNR',
     'ReconstructionSSIM',
+    'ReferenceFID',
+    'ReferenceImageFolder',
+    'ReferenceMetrics',
+    'ReferencePNGWriter',
     'build_eval_dataset',
     'dataset_size',
     'equivariance_errors',
@@ -57,10 +87,16 @@ __all__ = [
     'latent_pca_rgb',
     'load_eval_image',
     'load_inception',
+    'load_reference_inception',
     'nearest_neighbor_distances',
     'posterior_noise',
     'quantize',
     'rank_shard',
+    'reference_psnr',
+    'reference_shard',
+    'reference_ssim',
+    'reference_transform',
+    'reference_uint8',
     'to_display',
     'to_uint8',
     'twonn_dimension',

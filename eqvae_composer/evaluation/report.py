@@ -37,8 +37,11 @@ def format_markdown(results: Mapping[str, Any], name: str = 'autoencoder') -> st
         lines += [f'| {key} | {_number(value)} |' for key, value in sorted(metrics.items())]
         lines.append('')
     protocol = results.get('protocol', {})
+    num_images, num_evaluated = results.get('num_images', '?'), results.get('num_evaluated')
+    repeats = f' ({num_evaluated} with the sampler\'s repeats)' if num_evaluated not in (None, num_images) else ''
+    source = f"the reference's protocol ({protocol['source']}), " if protocol.get('name') == 'reference' else ''
     lines.append(
-        f"{results.get('num_images', '?')} images at {protocol.get('resolution', '?')} px, "
+        f"{source}{num_images} images{repeats} at {protocol.get('resolution', '?')} px, "
         f"reconstruction from the {protocol.get('reconstruction_latent', '?')}, "
         f"{results.get('world_size', 1)} process(es), {results.get('images_per_second', float('nan')):.2f} images/s."
     )

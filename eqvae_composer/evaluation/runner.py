@@ -3,10 +3,12 @@
 Each rank evaluates its own shard of the first N images; every metric is a torchmetrics ``Metric``
 whose states are summed or concatenated across ranks at ``compute``, and posterior noise is seeded
 per image index, so 1 process and W processes give the same numbers up to float summation order.
+``EvalProtocol(name='reference')`` measures as the reference's eval.py does instead (``reference``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,9 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
-from eqvae_composer.evaluation.datasets import IndexedDataset, dataset_size, rank_shard
+from eqvae_composer.evaluation.datasets import PROTOCOLS, IndexedDataset, dataset_size, rank_shard, reference_shard
 from eqvae_composer.evaluation.fid import ReconstructionFID
 from eqvae_composer.evaluation.intrinsic_dim import LatentIntrinsicDimension
 from eqvae_composer.evaluation.metrics import (
@@ -34,6 +35,8 @@ from eqvae_composer.evaluation.metrics import (
     ReconstructionSSIM,
     equivariance_errors,
 )
+from eqvae_composer.evaluation.reference import REFERENCE_BATCH_SIZE, ReferenceMetrics, ReferencePNGWriter
+from eqvae_composer.introspection import vae_downsample_factor
 from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['ALL_METRICS', 'DEFAULT_METRICS', 'EvalProtocol', 'evaluate', 'posterior_noise']
@@ -55,6 +58,11 @@ class EvalProtocol:
         scales (tuple[float, ...]): scales of the scale equivariance error and of the per-scale
             reconstruction metrics. Default: 0.25, 0.5, 0.75.
         interpolation (str): resize mode of tau, as in training. Default: ``'bilinear'``.
+        name (str): ``'default'`` (ours, above) or ``'reference'``: the reference eval.py's
+            preprocessing, sharding, quantization and averaging (``evaluation.reference``; the
+            dataset must come from ``build_eval_dataset(..., protocol='reference')``). Default: ``'default'``.
+        reference_batch_size (int): with ``'reference'``, images per SSIM data range and per SSIM /
+            LPIPS value. Default: ``1``, the reference's.
     """
 
     resolution: int = 256
@@ -63,11 +71,21 @@ class EvalProtocol:
     rotations: tuple[int, ...] = EVAL_ROTATIONS
     scales: tuple[float, ...] = EVAL_SCALES
     interpolation: str = 'bilinear'
+    name: str = 'default'
+    reference_batch_size: int = REFERENCE_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.name not in PROTOCOLS:
+            raise ValueError(f'unknown protocol {self.name!r}; choose from {list(PROTOCOLS)}.')
+        if self.reference_batch_size < 1:
+            raise ValueError(f'reference_batch_size must be positive, got {self.reference_batch_size}.')
 
     def describe(self) -> dict[str, Any]:
         """The protocol as JSON-ready values, with the fixed parts spelled out."""
+        if self.name == 'reference':
+            return self._describe_reference()
         return {
-            **asdict(self),
+            **{key: value for key, value in asdict(self).items() if key != 'reference_batch_size'},
             'rotations_degrees': [90 * k for k in self.rotations],
             'preprocessing': f'resize shorter side to {self.resolution} (antialiased bicubic), center crop',
             'reconstruction_latent': 'posterior sample' if self.sample_posterior else 'posterior mode',
@@ -79,6 +97,29 @@ class EvalProtocol:
             'averaged over images per transform; R and S average the rotation / scale transforms',
             'scaled_reconstruction': 'D(tau(z)) against tau(x) per scale, z as for reconstruction',
             'intrinsic_dim': 'TwoNN (Facco et al. 2017, 10% largest ratios discarded) on flattened posterior modes',
+        }
+
+    def _describe_reference(self) -> dict[str, Any]:
+        r, k = self.resolution, self.reference_batch_size
+        return {
+            'name': self.name,
+            'resolution': r,
+            'sample_posterior': self.sample_posterior,
+            'seed': self.seed,
+            'reference_batch_size': k,
+            'source': 'zelaki/eqvae eval.py @ c34589c (docs/REFERENCE_EVAL.md)',
+            'preprocessing': f'torchvision ImageFolder; ToTensor, Resize({r}) bilinear antialiased and '
+            f'CenterCrop({r}) on the float tensor, Normalize(0.5, 0.5); not quantized',
+            'sharding': 'torch DistributedSampler (shuffle, seed 0), padded with repeats to a multiple of '
+            'the number of processes',
+            'reconstruction_latent': 'posterior sample' if self.sample_posterior else 'posterior mode',
+            'quantization': 'clamp(127.5 x + 128, 0, 255) truncated to uint8, for PSNR and rFID only',
+            'ssim': f'torchmetrics SSIM defaults, data range inferred per batch of {k}, on the unclamped float '
+            'reconstruction; mean over batches',
+            'lpips': f'LPIPS-VGG on the unclamped float reconstruction, mean per batch of {k}, then over batches',
+            'psnr': '20 log10(255 / sqrt(MSE)) per uint8 image, averaged over images',
+            'fid': 'pytorch-fid Inception-v3 2048-d pool features of the uint8 images, np.cov statistics, '
+            'pytorch-fid calculate_frechet_distance',
         }
 
 
@@ -156,6 +197,7 @@ def evaluate(
     device: torch.device | str | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    image_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``vae`` on the first ``num_images`` samples of ``dataset``, sharded over the ranks.
 
@@ -167,18 +209,24 @@ def evaluate(
         protocol (EvalProtocol): how to measure. Default: the paper's.
         num_images (int, optional): evaluate the first N samples. Default: all.
         batch_size (int): images per forward on each rank. Default: ``16``.
-        inception (nn.Module, optional): FID feature extractor (``load_inception()``); needed for ``rfid``.
+        inception (nn.Module, optional): FID feature extractor (``load_inception()``, or
+            ``load_reference_inception()`` for the reference protocol); needed for ``rfid``.
         lpips_net (nn.Module, optional): LPIPS network (``load_lpips()``); needed for ``lpips``.
         device (torch.device | str, optional): where to compute. Default: the VAE's device.
         num_workers (int): dataloader worker processes. Default: ``0``.
         progress (bool): show a progress bar on rank 0. Default: ``True``.
+        image_dir (str | PathLike, optional): with the reference protocol, also write its PNG
+            folders (``ReferencePNGWriter``) here. Default: none written.
 
     Returns:
-        dict: ``metrics`` (name -> value), ``num_images``, ``world_size``, ``seconds`` and
-        ``images_per_second`` (all ranks together), and ``protocol`` (``EvalProtocol.describe()``).
+        dict: ``metrics`` (name -> value), ``num_images``, ``num_evaluated`` (with the reference
+        protocol's repeats), ``world_size``, ``seconds`` and ``images_per_second`` (all ranks
+        together), and ``protocol`` (``EvalProtocol.describe()``).
 
     Raises:
-        ValueError: an unknown metric, or ``rfid`` / ``lpips`` without its network.
+        ValueError: an unknown metric, ``rfid`` / ``lpips`` without its network; with the reference
+            protocol, a metric it does not measure or a ``batch_size`` that is not a multiple of
+            ``protocol.reference_batch_size``; ``image_dir`` without it.
     """
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
@@ -187,13 +235,28 @@ def evaluate(
         raise ValueError("the 'rfid' metric needs an Inception network (see load_inception).")
     if 'lpips' in metrics and lpips_net is None:
         raise ValueError("the 'lpips' metric needs an LPIPS network (see load_lpips).")
+    reference = protocol.name == 'reference'
+    if reference and batch_size % protocol.reference_batch_size:
+        raise ValueError(
+            f'batch_size {batch_size} must be a multiple of the reference batch size '
+            f'{protocol.reference_batch_size}, so each batch splits into whole reference batches.'
+        )
+    if image_dir is not None and not reference:
+        raise ValueError('image_dir writes the reference protocol\'s PNG folders; use it with the reference protocol.')
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     vae.to(device).eval()
     factor = vae_downsample_factor(vae)
+    rank, world_size = dist.get_global_rank(), dist.get_world_size()
     total = dataset_size(dataset) if num_images is None else min(num_images, dataset_size(dataset))
-    shard = IndexedDataset(dataset, rank_shard(total, dist.get_global_rank(), dist.get_world_size()))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    state = _Metrics(metrics, protocol, inception, device)
+    indices = (reference_shard if reference else rank_shard)(total, rank, world_size)
+    loader = DataLoader(IndexedDataset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if reference:
+        writer = ReferencePNGWriter(image_dir, rank) if image_dir is not None else None
+        state: _Metrics | ReferenceMetrics = ReferenceMetrics(
+            metrics, inception, lpips_net, protocol.reference_batch_size, writer, device
+        )
+    else:
+        state = _Metrics(metrics, protocol, inception, device)
 
     start = time.perf_counter()
     bar = tqdm(total=total, desc='eval', unit='img', disable=not progress or dist.get_global_rank() != 0)
@@ -205,8 +268,11 @@ def evaluate(
         if protocol.sample_posterior:
             noise = posterior_noise(batch['index'].tolist(), mode.shape[1:], protocol.seed).to(device, mode.dtype)
             z = posterior.mean + posterior.std * noise
-        _update(state, vae, images, z, mode, factor, protocol, lpips_net)
-        bar.update(len(images) * dist.get_world_size())  # rank 0's pace stands for all ranks
+        if isinstance(state, ReferenceMetrics):
+            state.update(vae.decode(z).sample, images)
+        else:
+            _update(state, vae, images, z, mode, factor, protocol, lpips_net)
+        bar.update(len(images) * world_size)  # rank 0's pace stands for all ranks
     bar.close()
     results = state.compute()
     dist.barrier()
@@ -214,7 +280,8 @@ def evaluate(
     return {
         'metrics': results,
         'num_images': total,
-        'world_size': dist.get_world_size(),
+        'num_evaluated': len(indices) * world_size,
+        'world_size': world_size,
         'seconds': seconds,
         'images_per_second': total / seconds if seconds > 0 else float('nan'),
         'protocol': protocol.describe(),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +12,6 @@ from diffusers import AutoencoderKL
 from torch import nn
 from torchmetrics import Metric
 
-from eqvae_composer.algorithms.equivariance.equivariance import vae_downsample_factor
 from eqvae_composer.data.dataset import PADDING_KEY
 from eqvae_composer.evaluation.metrics import (
     LatentEquivarianceError,
@@ -21,7 +21,8 @@ from eqvae_composer.evaluation.metrics import (
     equivariance_errors,
     eval_transforms,
 )
-from eqvae_composer.models.loss import VAEGANLoss
+from eqvae_composer.introspection import vae_downsample_factor
+from eqvae_composer.models.loss import GAN_PHASES, VAEGANLoss
 from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['AutoencoderKLForward', 'ComposerAutoencoderKL', 'EVAL_METRICS']
@@ -41,17 +42,14 @@ class AutoencoderKLForward(nn.Module):
 
     FSDP gathers a unit's parameters around its ``forward`` only, so all VAE compute goes through
     here rather than through ``vae.encode()`` / ``vae.decode()`` called from outside. It also
-    records the input of the decoder's last convolution, which the adaptive GAN weight needs.
+    records the input of the decoder's last convolution, which the adaptive GAN weight needs: a hook
+    that lives only for the duration of its own decode, so direct ``vae.decode()`` calls keep nothing
+    and wrapping the same VAE twice leaves no hook behind.
     """
 
     def __init__(self, vae: AutoencoderKL) -> None:
         super().__init__()
         self.vae = vae
-        self._last_layer_inputs: list[torch.Tensor] = []
-        vae.decoder.conv_out.register_forward_hook(self._record_last_layer_input)
-
-    def _record_last_layer_input(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._last_layer_inputs.append(args[0])
 
     def forward(
         self,
@@ -81,9 +79,12 @@ class AutoencoderKLForward(nn.Module):
             latents = posterior.sample() if sample_posterior else posterior.mode()
             outputs = {'posterior': posterior, 'latents': latents}
         if decode:
-            self._last_layer_inputs = []
-            outputs['reconstruction'] = self.vae.decode(latents).sample
-            inputs, self._last_layer_inputs = self._last_layer_inputs, []
+            inputs: list[torch.Tensor] = []
+            handle = self.vae.decoder.conv_out.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+            try:
+                outputs['reconstruction'] = self.vae.decode(latents).sample
+            finally:
+                handle.remove()
             outputs['last_layer_input'] = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
         return outputs
 
@@ -143,7 +144,16 @@ class ComposerAutoencoderKL(ComposerModel):
             raise ValueError('the LPIPS eval metric needs an LPIPS network (see load_lpips).')
         self.downsample_factor = vae_downsample_factor(vae)
         #: The training step, compared with the loss's ``disc_start``; kept current by ``GlobalStepCallback``.
-        self.global_step = 0
+        #: ``None`` until something sets it: with ``disc_start > 0`` training then stops with a clear error
+        #: rather than treating every step as step 0.
+        self.global_step: int | None = None
+        self._gan_phase: str | None = None
+
+    @property
+    def min_target_size(self) -> int:
+        """The smallest image side the loss accepts (the discriminator's), read by ``EquivarianceAlgorithm``."""
+        discriminator = self.loss_fn.discriminator
+        return 1 if discriminator is None else discriminator.min_input_size
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -172,17 +182,48 @@ class ComposerAutoencoderKL(ComposerModel):
             })
         return groups
 
+    @contextlib.contextmanager
+    def gan_phase(self, phase: str) -> Iterator[None]:
+        """Inside the context, ``forward`` and ``loss`` train one side only, as one of the reference's two passes.
+
+        ``'autoencoder'``: the autoencoder's loss, no gradient for the discriminator.
+        ``'discriminator'``: a fresh reconstruction made without autograd (the autoencoder gets no
+        gradient, as under Lightning's optimizer toggling) and the hinge loss only. Used by
+        ``AlternatingGANUpdates``; outside it, one pass trains both.
+
+        Args:
+            phase (str): one of ``GAN_PHASES``.
+        """
+        if phase not in GAN_PHASES:
+            raise ValueError(f'phase must be one of {GAN_PHASES}, got {phase!r}.')
+        previous, self._gan_phase = self._gan_phase, phase
+        try:
+            yield
+        finally:
+            self._gan_phase = previous
+
     def forward(self, batch: Any) -> dict[str, Any]:
-        return self.autoencoder(batch[self.image_key], sample_posterior=self.sample_posterior)
+        # The discriminator's pass needs a fresh reconstruction, not the autoencoder's gradients. The
+        # VAE still runs through the wrapped module's forward, so FSDP gathers its parameters as usual.
+        grad = contextlib.nullcontext() if self._gan_phase != 'discriminator' else torch.no_grad()
+        with grad:
+            return self.autoencoder(batch[self.image_key], sample_posterior=self.sample_posterior)
 
     def loss(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
+        if self.global_step is None and self.loss_fn.disc_start > 0 and self.training:
+            raise RuntimeError(
+                f'disc_start={self.loss_fn.disc_start} needs the training step: add '
+                'eqvae_composer.callbacks.GlobalStepCallback() to the Trainer\'s callbacks (train.py does), or set '
+                'model.global_step yourself in a loop of your own.',
+            )
         return self.loss_fn(
             batch[self.image_key],
             outputs['reconstruction'],
             outputs['posterior'],
             self.vae.decoder.conv_out,
             outputs.get('last_layer_input'),
-            self.global_step,
+            self.global_step or 0,
+            self._gan_phase,
         )
 
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:

@@ -13,10 +13,18 @@ the model twice per batch. Here both losses come out of one call and one ``backw
   reconstruction gradients then drive the autoencoder's backward, so LPIPS and the discriminator
   are not differentiated a second time. The last layer's weight is never read, which keeps the
   norm exact under FSDP, where the weight is sharded but activations are not.
+
+For the reference's alternating updates (``AlternatingGANUpdates``) the loss also computes one side
+at a time: ``phase='autoencoder'`` the autoencoder's loss only, ``phase='discriminator'`` the hinge
+loss only, on a reconstruction made without gradients.
+
+The value of ``'total'`` is the autoencoder's loss (the reference's ``train/total_loss``): the hinge
+loss adds its gradient for the discriminator but nothing to the value, and is logged as ``'disc'``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -25,9 +33,9 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from eqvae_composer.models.discriminator import PatchGANDiscriminator
-from eqvae_composer.models.lpips import lpips_distance
+from eqvae_composer.models.lpips import dropout_active, lpips_distance
 
-__all__ = ['LOSS_KEYS', 'VAEGANLoss', 'hinge_discriminator_loss']
+__all__ = ['GAN_PHASES', 'LOSS_KEYS', 'VAEGANLoss', 'hinge_discriminator_loss']
 
 #: Every key the loss returns, on every step: Composer all-reduces the dict across ranks.
 LOSS_KEYS = (
@@ -45,6 +53,9 @@ LOSS_KEYS = (
     'logits_fake',
     'logvar',
 )
+
+#: The passes of the reference's alternating updates, in order; ``None`` (the default) is one joint pass.
+GAN_PHASES = ('autoencoder', 'discriminator')
 
 
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -70,8 +81,8 @@ class VAEGANLoss(nn.Module):
             Required when ``lpips_weight > 0``.
         lpips_weight (float): weight of the perceptual term. Default: ``1.0``.
         kl_weight (float): weight of the KL term. Default: ``1e-6``.
-        disc_weight (float): scale of the adaptive weight; ``0`` removes the discriminator.
-            Default: ``0.5``.
+        disc_weight (float): scale of the adaptive weight; ``0`` removes the discriminator (unless
+            ``always_train_discriminator``). Default: ``0.5``.
         disc_factor (float): multiplies both GAN terms once active. Default: ``1.0``.
         disc_start (int): training step from which the GAN terms count. Default: ``0``.
         logvar_init (float): initial ``logvar`` of ``nll = rec / exp(logvar) + logvar``. Default: ``0``.
@@ -80,6 +91,13 @@ class VAEGANLoss(nn.Module):
         disc_in_channels (int), disc_num_filters (int), disc_num_layers (int): the PatchGAN's shape.
             Defaults: ``3``, ``64``, ``3``.
         adaptive_weight_max (float): upper clamp of the adaptive weight. Default: ``1e4``.
+        lpips_dropout (bool): train with LPIPS's dropout active (p = 0.5 before each linear layer), as
+            the reference does: Lightning's ``model.train()`` reaches the LPIPS module it built in eval
+            mode. Needs an LPIPS ``nn.Module`` with ``Dropout`` layers (``load_lpips`` builds one);
+            evaluation and the LPIPS metric stay deterministic. Default: ``False``.
+        always_train_discriminator (bool): with ``disc_weight = 0``, still build the discriminator and
+            train it with its hinge loss, as the reference does (its discriminator optimizer steps
+            whatever the weight); the autoencoder gets no GAN gradient either way. Default: ``False``.
     """
 
     def __init__(
@@ -96,12 +114,21 @@ class VAEGANLoss(nn.Module):
         disc_num_filters: int = 64,
         disc_num_layers: int = 3,
         adaptive_weight_max: float = 1e4,
+        lpips_dropout: bool = False,
+        always_train_discriminator: bool = False,
     ) -> None:
         super().__init__()
         if lpips_weight < 0 or kl_weight < 0 or disc_weight < 0 or disc_factor < 0 or disc_start < 0:
             raise ValueError('loss weights and disc_start must be non-negative.')
         if lpips_weight > 0 and lpips is None:
             raise ValueError('lpips_weight > 0 needs an LPIPS network (see eqvae_composer.models.load_lpips).')
+        if lpips_dropout and (lpips_weight == 0 or not isinstance(lpips, nn.Module)):
+            raise ValueError('lpips_dropout needs lpips_weight > 0 and an LPIPS nn.Module with Dropout layers '
+                             '(see eqvae_composer.models.load_lpips).')
+        if lpips_dropout:
+            with dropout_active(lpips):  # fails now, naming the fix, if it has no Dropout layer
+                pass
+        self.lpips_dropout = bool(lpips_dropout)
         self.lpips_weight = float(lpips_weight)
         self.kl_weight = float(kl_weight)
         self.disc_weight = float(disc_weight)
@@ -116,7 +143,8 @@ class VAEGANLoss(nn.Module):
         else:
             self.register_buffer('logvar', logvar)
         self.discriminator = (
-            PatchGANDiscriminator(disc_in_channels, disc_num_filters, disc_num_layers) if disc_weight > 0 else None
+            PatchGANDiscriminator(disc_in_channels, disc_num_filters, disc_num_layers)
+            if disc_weight > 0 or always_train_discriminator else None
         )
 
     def forward(
@@ -127,8 +155,9 @@ class VAEGANLoss(nn.Module):
         last_layer: nn.Conv2d,
         last_layer_input: torch.Tensor | None,
         global_step: int = 0,
+        phase: str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """All loss terms; ``'total'`` has the value and the gradients of autoencoder + discriminator loss.
+        """Every key of ``LOSS_KEYS``; ``'total'`` has the autoencoder loss's value and both losses' gradients.
 
         Args:
             target (Tensor): the images the reconstruction should match, in [-1, 1].
@@ -138,68 +167,91 @@ class VAEGANLoss(nn.Module):
             last_layer_input (Tensor, optional): that convolution's input; needed for the adaptive
                 weight while training with the discriminator active.
             global_step (int): the training step, compared with ``disc_start``.
+            phase (str, optional): ``None``: both losses in one pass. ``'autoencoder'``: the
+                autoencoder's loss only (no gradient reaches the discriminator). ``'discriminator'``:
+                the hinge loss only; the autoencoder's terms are logged as 0 and LPIPS is not run.
+                Default: ``None``.
         """
+        if phase is not None and phase not in GAN_PHASES:
+            raise ValueError(f'phase must be None or one of {GAN_PHASES}, got {phase!r}.')
+        if phase == 'discriminator' and self.discriminator is None:
+            raise ValueError('the discriminator phase needs a discriminator (disc_weight > 0 or '
+                             'always_train_discriminator).')
         with torch.autocast(device_type=target.device.type, enabled=False):
             return self._losses(target.float(), reconstruction.float(), posterior, last_layer, last_layer_input,
-                                global_step)
+                                global_step, phase)
 
-    def _losses(self, x, x_hat, posterior, last_layer, last_layer_input, global_step) -> dict[str, torch.Tensor]:
-        terms = self._terms(x, x_hat, posterior, last_layer, last_layer_input, global_step)
+    def _losses(self, x, x_hat, posterior, last_layer, last_layer_input, global_step, phase) -> dict[str, torch.Tensor]:
+        terms = self._terms(x, x_hat, posterior, last_layer, last_layer_input, global_step, phase)
         # Only 'total' is differentiated. The other terms are for logging: detached, they do not keep the
         # graphs they came from (LPIPS's, for nll) alive while the trainer holds the loss dict.
         return {name: value if name == 'total' else value.detach() for name, value in terms.items()}
 
-    def _terms(self, x, x_hat, posterior, last_layer, last_layer_input, global_step) -> dict[str, torch.Tensor]:
+    def _terms(self, x, x_hat, posterior, last_layer, last_layer_input, global_step, phase) -> dict[str, torch.Tensor]:
+        # Every key on every pass (Composer all-reduces the dict and, over the two alternating passes,
+        # sums it): a pass logs 0 for the other pass's terms, as the reference logs them only in theirs.
+        terms = dict.fromkeys(LOSS_KEYS, x.new_zeros(()))
+        factor = self.disc_factor if global_step >= self.disc_start else 0.0
+        trains_autoencoder = phase != 'discriminator'
+        disc, logits_fake, fake = terms['disc'], None, None
+        if self.discriminator is not None:
+            # One discriminator forward on the reconstruction serves both losses in the joint pass: it
+            # runs on a detached leaf, so the hinge loss reaches only D's parameters, and g's gradient
+            # with respect to the image is taken from that leaf and routed to the autoencoder through
+            # the surrogate below.
+            fake = x_hat.detach().requires_grad_(x_hat.requires_grad and trains_autoencoder)
+            logits_real = self.discriminator(x.detach()) if phase != 'autoencoder' else None
+            logits_fake = self.discriminator(fake)
+            if logits_real is not None:
+                disc = factor * hinge_discriminator_loss(logits_real, logits_fake)
+                terms.update(disc=disc, logits_real=logits_real.detach().mean(),
+                             logits_fake=logits_fake.detach().mean())
+        # The hinge loss's gradient, adding nothing to the value: 'total' is the autoencoder's loss.
+        disc_gradient = disc - disc.detach()
+        if not trains_autoencoder:
+            terms['total'] = disc_gradient
+            return terms
+
         batch_size = x.shape[0]
-        zero = x.new_zeros(())
         l1 = (x - x_hat).abs()
         if self.lpips_weight > 0:
-            p_loss = lpips_distance(self.lpips, x, x_hat)
+            dropout = dropout_active(self.lpips) if self.lpips_dropout and self.training else contextlib.nullcontext()
+            with dropout:
+                p_loss = lpips_distance(self.lpips, x, x_hat)
             rec = l1 + self.lpips_weight * p_loss  # (B, 1, 1, 1) broadcast per pixel, as the reference
         else:
-            p_loss, rec = zero, l1
+            p_loss, rec = terms['lpips'], l1
         logvar = self.logvar.float()
         nll = (rec / torch.exp(logvar) + logvar).sum() / batch_size
         kl = _kl(posterior).sum() / batch_size
-        terms = {'nll': nll, 'rec': rec.mean(), 'l1': l1.mean(), 'lpips': p_loss.mean(), 'kl': kl, 'logvar': logvar}
-
-        if self.discriminator is None:
-            terms.update(g=zero, disc=zero, disc_weight=zero, disc_factor=zero, logits_real=zero, logits_fake=zero)
-            terms['total'] = nll + self.kl_weight * kl
+        value = nll + self.kl_weight * kl
+        terms.update(nll=nll, rec=rec.mean(), l1=l1.mean(), lpips=p_loss.mean(), kl=kl, logvar=logvar)
+        if logits_fake is None:
+            terms['total'] = value
             return terms
 
-        factor = self.disc_factor if global_step >= self.disc_start else 0.0
-        # One discriminator forward on the reconstruction serves both losses: it runs on a detached
-        # leaf, so the hinge loss reaches only D's parameters, and g's gradient with respect to the
-        # image is taken from that leaf and routed to the autoencoder through the surrogate below.
-        fake = x_hat.detach().requires_grad_(x_hat.requires_grad)
-        logits_real = self.discriminator(x.detach())
-        logits_fake = self.discriminator(fake)
         g = -logits_fake.mean()
-        disc = factor * hinge_discriminator_loss(logits_real, logits_fake)
-        terms.update(g=g, disc=disc, disc_factor=x.new_tensor(factor),
-                     logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean())
-
-        trains_generator = self.training and torch.is_grad_enabled() and x_hat.requires_grad and factor > 0
+        terms.update(g=g.detach(), disc_factor=x.new_tensor(factor))
+        trains_generator = (self.disc_weight > 0 and self.training and torch.is_grad_enabled() and x_hat.requires_grad
+                            and factor > 0)
         if not trains_generator:
-            terms['disc_weight'] = zero
-            terms['total'] = nll + self.kl_weight * kl + disc
+            terms['total'] = value + disc_gradient
             return terms
         if last_layer_input is None:
             raise ValueError('the adaptive GAN weight needs the input of the decoder\'s last layer.')
 
         # The nll graph (through LPIPS) is not needed again: free it now instead of holding it through
-        # the discriminator and the backward. D's graph on `fake` is, by `disc`.
+        # the discriminator and the backward. D's graph on `fake` is, by `disc`, in the joint pass.
         grad_nll = torch.autograd.grad(nll, x_hat)[0]
-        grad_g = torch.autograd.grad(g, fake, retain_graph=True)[0]
+        grad_g = torch.autograd.grad(g, fake, retain_graph=disc.requires_grad)[0]
         d_weight = self._adaptive_weight(grad_nll, grad_g, last_layer, last_layer_input)
         terms['disc_weight'] = d_weight
-        value = nll + self.kl_weight * kl + d_weight * factor * g
+        value = value + d_weight * factor * g
         # Same gradients as `value` for the autoencoder, without a second pass through LPIPS and D.
         surrogate = (x_hat * (grad_nll + d_weight * factor * grad_g)).sum() + self.kl_weight * kl
         if isinstance(self.logvar, nn.Parameter):  # grad_nll carries no gradient for logvar itself
             surrogate = surrogate + (rec.detach() / torch.exp(logvar) + logvar).sum() / batch_size
-        terms['total'] = (value - surrogate).detach() + surrogate + disc
+        terms['total'] = (value - surrogate).detach() + surrogate + disc_gradient
         return terms
 
     def _adaptive_weight(self, grad_nll, grad_g, last_layer: nn.Conv2d, last_layer_input) -> torch.Tensor:

@@ -7,8 +7,9 @@ offline machine fails fast with the file name instead of downloading or using ra
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lpips
@@ -17,7 +18,7 @@ import torchvision
 
 from eqvae_composer.weights import resolve_weights
 
-__all__ = ['VGG16_FILENAME', 'VGG16_URL', 'load_lpips', 'lpips_distance', 'resolve_lpips_weights']
+__all__ = ['VGG16_FILENAME', 'VGG16_URL', 'dropout_active', 'load_lpips', 'lpips_distance', 'resolve_lpips_weights']
 
 VGG16_FILENAME = 'vgg16-397923af.pth'
 VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
@@ -65,3 +66,28 @@ def lpips_distance(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x:
         if param is not None and param.device != x.device:
             net.to(x.device)
     return net(x.float(), x_hat.float()).float()
+
+
+@contextlib.contextmanager
+def dropout_active(net: torch.nn.Module) -> Iterator[None]:
+    """Run ``net``'s ``Dropout`` layers in training mode inside the context, and in eval mode after it.
+
+    LPIPS has a ``Dropout`` before each linear calibration layer (``lpips.NetLinLayer``, as taming's).
+    The reference builds its LPIPS with ``.eval()``, but Lightning's ``model.train()`` puts the whole
+    module tree back in training mode, so its perceptual loss trains with dropout active. Only the
+    ``Dropout`` layers are switched: the VGG trunk has no layer whose mode matters.
+
+    Raises:
+        ValueError: ``net`` has no ``Dropout`` layer (e.g. built with ``use_dropout=False``).
+    """
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    if not layers:
+        raise ValueError(f'{type(net).__name__} has no Dropout layer to activate (lpips_dropout needs an LPIPS '
+                         'built with use_dropout=True, as load_lpips does).')
+    for layer in layers:
+        layer.train()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.eval()  # the frozen network is shared with the LPIPS eval metric

@@ -1,6 +1,7 @@
 """Launched by tests/test_distributed.py under `composer -n N`: train a tiny model, save each rank's weights.
 
-Usage: [STEPS=2] [LR_SCALE=1] composer -n N tests/distributed/train_ranks.py OUT_DIR {ddp,fsdp} MICROBATCH
+Usage: [STEPS=2] [LR_SCALE=1] [GAN_UPDATES=joint] composer -n N tests/distributed/train_ranks.py OUT_DIR {ddp,fsdp}
+MICROBATCH. GAN_UPDATES=alternating runs the reference's two passes per batch (``AlternatingGANUpdates``).
 
 Every microbatch takes the same deterministic EQ-VAE transform and the posterior mean, so a run on
 N processes and a run on one process with N microbatches of the same samples must agree: the GAN's
@@ -17,9 +18,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.utils.data import DataLoader
 
 from eqvae_composer import ComposerAutoencoderKL, EquivarianceAlgorithm, VAEGANLoss
+from eqvae_composer.models import AlternatingGANUpdates
 from tests.conftest import tiny_vae
 
 GLOBAL_BATCH, SAMPLES, SIZE = 8, 16, 64
+
+
+class AlternatingSGD(AlternatingGANUpdates, torch.optim.SGD):
+    """SGD with the reference's alternating updates."""
 
 
 def main(out_dir: str, mode: str, microbatch: int) -> None:
@@ -41,12 +47,17 @@ def main(out_dir: str, mode: str, microbatch: int) -> None:
     if rank == 0:
         init = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save(init, os.path.join(out_dir, f'{mode}_w{world}_init.pt'))
+    lr = 1e-5 * float(os.environ.get('LR_SCALE', '1'))
+    alternating = os.environ.get('GAN_UPDATES', 'joint') == 'alternating'
+    # SGD: the update is proportional to the gradient, so any gradient mismatch shows in the weights
+    optimizer = AlternatingSGD(model.parameters(), lr=lr, model=model) if alternating else torch.optim.SGD(
+        model.parameters(), lr=lr)
     trainer = Trainer(
         model=model,
         train_dataloader=loader,
         max_duration=os.environ.get('STEPS', '2') + 'ba',  # two steps: the second sees weights the first updated
-        # SGD: the update is proportional to the gradient, so any gradient mismatch shows in the weights
-        optimizers=torch.optim.SGD(model.parameters(), lr=1e-5 * float(os.environ.get('LR_SCALE', '1'))),
+        optimizers=optimizer,
+        ddp_sync_strategy='forced_sync' if alternating else None,  # see AlternatingGANUpdates
         algorithms=[EquivarianceAlgorithm(p_equivariance=1.0, scales=[0.5], rotations=[1])],
         device_train_microbatch_size=microbatch,
         parallelism_config={'fsdp': {}} if mode == 'fsdp' else None,

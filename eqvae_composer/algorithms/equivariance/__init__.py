@@ -1,12 +1,8 @@
 """EQ-VAE equivariance regularization: the Composer algorithm and its functional core."""
 
-from eqvae_composer.algorithms.equivariance.equivariance import (
-    EquivarianceAlgorithm,
-    find_autoencoder,
-    latent_entry_point,
-    microbatch_seed,
-    vae_downsample_factor,
-)
+# The VAE introspection helpers live in eqvae_composer.introspection; re-exported here for existing imports.
+
+from eqvae_composer.algorithms.equivariance.equivariance import EquivarianceAlgorithm, microbatch_seed
 from eqvae_composer.algorithms.equivariance.transforms import (
     DISCRETE_SCALES,
     GRID_SCALES,
@@ -14,12 +10,16 @@ from eqvae_composer.algorithms.equivariance.transforms import (
     SpatialTransform,
     apply_to_image,
     apply_to_latent,
+    check_target_size,
     downscale_image,
     sample_branch,
     sample_scales,
     sample_transform,
     scaled_size,
+    smallest_scale,
+    smallest_target_size,
 )
+from eqvae_composer.introspection import find_autoencoder, latent_entry_point, vae_downsample_factor
 
 __all__ = [
     'Branch',
@@ -29,6 +29,7 @@ __all__ = [
     'SpatialTransform',
     'apply_to_image',
     'apply_to_latent',
+    'check_target_size',
     'downscale_image',
     'find_autoencoder',
     'latent_entry_point',
@@ -37,5 +38,7 @@ __all__ = [
     'sample_scales',
     'sample_transform',
     'scaled_size',
+    'smallest_scale',
+    'smallest_target_size',
     'vae_downsample_factor',
 ]

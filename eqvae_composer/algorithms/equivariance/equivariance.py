@@ -11,19 +11,26 @@ with ``batch[image_key]``. Per microbatch it draws a branch (see ``transforms.sa
 * low-resolution prior preservation: ``batch[image_key]`` is downscaled before the forward and
   restored after the loss.
 * full-resolution prior preservation: nothing changes.
+
+Training metrics see consistent pairs: Composer updates them after the backward with the training
+outputs against a copy of the batch taken before ``BEFORE_FORWARD``, so for a transformed microbatch
+the model's ``update_metric`` is handed that batch with ``tau(x)`` (or the low-resolution input) in
+place of ``x``. Every microbatch starts from a clean state, also after a forward or loss that raised.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from diffusers import AutoencoderKL
+from composer.utils.batch_helpers import batch_set
 
 from eqvae_composer.algorithms.equivariance.transforms import (
     SCALE_MODES,
@@ -31,62 +38,65 @@ from eqvae_composer.algorithms.equivariance.transforms import (
     SpatialTransform,
     apply_to_image,
     apply_to_latent,
+    check_target_size,
     downscale_image,
     sample_branch,
     sample_scales,
     sample_transform,
 )
+from eqvae_composer.introspection import find_autoencoder, latent_entry_point, unwrap_model, vae_downsample_factor
 
-__all__ = [
-    'EquivarianceAlgorithm',
-    'find_autoencoder',
-    'latent_entry_point',
-    'microbatch_seed',
-    'vae_downsample_factor',
-]
+__all__ = ['EquivarianceAlgorithm', 'microbatch_seed']
 
 log = logging.getLogger(__name__)
 
 _INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'area')
 
 
-def find_autoencoder(model: torch.nn.Module) -> AutoencoderKL:
-    """The single diffusers ``AutoencoderKL`` inside ``model`` (which may be one itself)."""
-    found = [m for m in model.modules() if isinstance(m, AutoencoderKL)]
-    if len(found) != 1:
-        raise ValueError(
-            f'EquivarianceAlgorithm needs a model holding exactly one diffusers AutoencoderKL; '
-            f'{type(model).__name__} holds {len(found)}.',
-        )
-    return found[0]
-
-
-def latent_entry_point(vae: AutoencoderKL) -> torch.nn.Module:
-    """The first module ``AutoencoderKL.decode`` applies to z."""
-    post_quant_conv = getattr(vae, 'post_quant_conv', None)
-    return post_quant_conv if post_quant_conv is not None else vae.decoder
-
-
-def vae_downsample_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent cell: 2 ** (number of encoder blocks - 1), i.e. 8 for SD-VAE."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def microbatch_seed(rank_seed: int, batch: int, microbatch: int) -> int:
+def microbatch_seed(rank_seed: int, batch: int, microbatch: int, pass_index: int = 0) -> int:
     """The seed of the generator a microbatch draws its branch and transform from.
 
     Public so that code reproducing the algorithm's draws outside a Trainer (the training benchmark)
     uses the same function rather than a copy.
+
+    Args:
+        rank_seed: the rank's seed (or the rank-zero seed, for draws shared across ranks).
+        batch: the training batch.
+        microbatch: the microbatch within the pass.
+        pass_index: which pass over the batch's microbatches: 0, or 1 for the discriminator's own
+            pass when the GAN updates alternate as in the reference.
     """
-    # A stateless function of (rank seed, step, microbatch): identical across runs with the same
+    # A stateless function of (rank seed, step, pass, microbatch): identical across runs with the same
     # seed and exact after an autoresume, without having to checkpoint a generator per rank.
-    return int(np.random.SeedSequence([rank_seed, batch, microbatch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    entropy = [rank_seed, batch, microbatch] + ([pass_index] if pass_index else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class _Microbatch:
+    """What the algorithm holds between a microbatch's ``BEFORE_FORWARD`` and its metric update."""
+
+    branch: Branch = Branch.FULL_RES
+    transform: SpatialTransform = SpatialTransform()
+    armed: bool = False  # the latent hook transforms z only between BEFORE_FORWARD and AFTER_FORWARD
+    hook_calls: int = 0
+    original_image: Any = None  # the batch's x while tau(x) or the low-resolution input stands in for it
+    target: Any = None  # what the outputs must be compared with: tau(x) or the low-resolution input
 
 
 class EquivarianceAlgorithm(Algorithm):
     """EQ-VAE (Kouzelis et al., ICML 2025): make a VAE's latents equivariant to scaling and rotation.
 
     ``EquivarianceAlgorithm()`` reproduces the reference implementation's defaults.
+
+    The model contract: the ComposerModel holds one diffusers ``AutoencoderKL``; its ``forward``
+    encodes ``batch[image_key]`` and decodes the latent through the VAE (``vae.decode`` or its
+    ``post_quant_conv``/``decoder``), once; its ``loss`` compares the reconstruction with
+    ``batch[image_key]``; its ``update_metric`` compares the outputs with ``batch[image_key]`` (it is
+    handed the transformed target). Images of side ``size`` give targets as small as
+    ``smallest_target_size(size, factor, scales)`` (16 px at 64 px, 64 px at 256 px for SD-VAE with
+    the reference grid); a model that declares ``min_target_size`` (this project's model does, from
+    its discriminator) is checked against it before the first forward at each input size.
 
     Args:
         p_equivariance (float): probability of the equivariance branch per microbatch. Reference
@@ -101,6 +111,12 @@ class EquivarianceAlgorithm(Algorithm):
             (0, 1]. Also used for the low-resolution branch. Default: ``'grid'``.
         anisotropic (bool): draw independent height and width scales (reference ``anisotropic``).
             Default: ``False``.
+        lowres_isotropic (bool): draw one scale for both axes in the low-resolution branch even when
+            ``anisotropic``, as the reference does. Default: ``False`` (the low-resolution branch
+            follows ``anisotropic``).
+        shared_draws (bool): every rank draws the same branch and transform for a microbatch (seeded
+            from the rank-zero seed), as the reference, which seeds Python's ``random`` identically
+            on every rank. Default: ``False`` (each rank draws its own, from its own seed).
         rotations (Sequence[int]): the quarter turns to draw from, a subset of {0, 1, 2, 3}.
             Default: ``(1, 2, 3)`` (90, 180, 270 degrees).
         interpolation (str): resize mode for latents and images. Default: ``'bilinear'``
@@ -109,6 +125,9 @@ class EquivarianceAlgorithm(Algorithm):
         image_key (str | int): the batch key of the image. Default: ``'image'``.
         downsample_factor (int, optional): pixels per latent cell; read from the VAE's config when
             ``None``. Default: ``None``.
+        min_target_size (int, optional): the smallest image side the model's loss accepts (e.g. 24 for
+            a 3-layer PatchGAN); read from the model's ``min_target_size`` attribute when ``None``.
+            Default: ``None``.
     """
 
     def __init__(
@@ -122,6 +141,9 @@ class EquivarianceAlgorithm(Algorithm):
         antialias: bool = False,
         image_key: str | int = 'image',
         downsample_factor: int | None = None,
+        lowres_isotropic: bool = False,
+        shared_draws: bool = False,
+        min_target_size: int | None = None,
     ) -> None:
         for name, value in (('p_equivariance', p_equivariance), ('p_lowres', p_lowres)):
             if not 0.0 <= float(value) <= 1.0:
@@ -140,58 +162,89 @@ class EquivarianceAlgorithm(Algorithm):
             raise ValueError(f'interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}.')
         if downsample_factor is not None and int(downsample_factor) < 1:
             raise ValueError(f'downsample_factor must be a positive integer, got {downsample_factor!r}.')
+        if min_target_size is not None and int(min_target_size) < 1:
+            raise ValueError(f'min_target_size must be a positive integer, got {min_target_size!r}.')
 
         self.p_equivariance = float(p_equivariance)
         self.p_lowres = float(p_lowres)
         self.scales = scales
         self.anisotropic = bool(anisotropic)
+        self.lowres_isotropic = bool(lowres_isotropic)
+        self.shared_draws = bool(shared_draws)
         self.rotations = rotations
         self.interpolation = interpolation
         self.antialias = bool(antialias)
         self.image_key = image_key
         self.downsample_factor = downsample_factor
+        self.min_target_size = None if min_target_size is None else int(min_target_size)
 
-        self._microbatch = 0
-        self._branch = Branch.FULL_RES
-        self._transform = SpatialTransform()
-        self._armed = False  # the hook transforms z only between BEFORE_FORWARD and AFTER_FORWARD
-        self._hook_calls = 0
-        self._original_image: Any = None
-        self._hook_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._pass = 0  # passes over the batch's microbatches completed (AFTER_TRAIN_BATCH) this batch
+        self._microbatch = 0  # microbatches begun in the current pass
+        self._current = _Microbatch()
+        self._checked_sizes: set[tuple[int, int]] = set()
+        self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._metric_model: Any = None
 
     def __repr__(self) -> str:
         return (
             f'{type(self).__name__}(p_equivariance={self.p_equivariance}, p_lowres={self.p_lowres}, '
-            f'scales={self.scales!r}, anisotropic={self.anisotropic}, rotations={self.rotations}, '
-            f'interpolation={self.interpolation!r}, antialias={self.antialias}, image_key={self.image_key!r})'
+            f'scales={self.scales!r}, anisotropic={self.anisotropic}, lowres_isotropic={self.lowres_isotropic}, '
+            f'shared_draws={self.shared_draws}, rotations={self.rotations}, interpolation={self.interpolation!r}, '
+            f'antialias={self.antialias}, image_key={self.image_key!r})'
         )
+
+    @property
+    def branch(self) -> Branch:
+        """The branch of the current (or last) training microbatch."""
+        return self._current.branch
+
+    @property
+    def transform(self) -> SpatialTransform:
+        """The transform of the current (or last) training microbatch; the identity at full resolution."""
+        return self._current.transform
 
     def match(self, event: Event, state: State) -> bool:
         return event in (
             Event.INIT,
+            Event.FIT_START,
             Event.BATCH_START,
+            Event.BEFORE_TRAIN_BATCH,
             Event.BEFORE_FORWARD,
             Event.AFTER_FORWARD,
             Event.BEFORE_LOSS,
             Event.AFTER_LOSS,
+            Event.AFTER_TRAIN_BATCH,
+            Event.EVAL_START,
         )
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self._attach(state)
+        elif event == Event.FIT_START:
+            resolution = getattr(getattr(state.train_dataloader, 'dataset', None), 'resolution', None)
+            if isinstance(resolution, int):
+                self._check_target_size((resolution, resolution))
         elif event == Event.BATCH_START:
+            self._pass = 0
+        elif event == Event.BEFORE_TRAIN_BATCH:
             self._microbatch = 0
         elif event == Event.BEFORE_FORWARD:
             self._begin_microbatch(state, logger)
         elif event == Event.AFTER_FORWARD:
             self._check_hook_ran()
         elif event == Event.BEFORE_LOSS:
-            if self._branch == Branch.EQUIVARIANCE:
-                self._swap_image(state, lambda x: apply_to_image(x, self._transform, self._factor, **self._resize_kw))
+            if self._current.branch == Branch.EQUIVARIANCE:
+                self._swap_image(state, lambda x: apply_to_image(x, self._current.transform, self._factor,
+                                                                 **self._resize_kw))
         elif event == Event.AFTER_LOSS:
-            if self._original_image is not None:
-                state.batch_set_item(self.image_key, self._original_image)
-                self._original_image = None
+            if self._current.original_image is not None:
+                state.batch_set_item(self.image_key, self._current.original_image)
+                self._current.original_image = None
+        elif event == Event.AFTER_TRAIN_BATCH:
+            self._pass += 1
+            self._end_microbatch()
+        elif event == Event.EVAL_START:
+            self._end_microbatch()
 
     # --- event handlers -------------------------------------------------------------------
 
@@ -200,67 +253,120 @@ class EquivarianceAlgorithm(Algorithm):
         if getattr(vae, 'use_tiling', False):
             raise ValueError('EquivarianceAlgorithm cannot transform tiled decoding; call vae.disable_tiling().')
         self._factor = int(self.downsample_factor or vae_downsample_factor(vae))
-        self._rank_seed = int(state.seed)
-        if self._hook_handle is not None:  # the same instance reused by a second Trainer
-            self._hook_handle.remove()
-        self._hook_handle = latent_entry_point(vae).register_forward_pre_hook(self._transform_latent)
+        self._seed = int(state.rank_zero_seed if self.shared_draws else state.seed)
+        model = unwrap_model(state.model)
+        if self.min_target_size is None:
+            declared = getattr(model, 'min_target_size', None)
+            self.min_target_size = int(declared) if declared is not None else None
+        for handle in self._hook_handles:  # the same instance reused by a second Trainer
+            handle.remove()
+        self._hook_handles = [
+            latent_entry_point(vae).register_forward_pre_hook(self._transform_latent),
+            # always_call: disarmed when the model's forward returns *or raises*, so no later forward
+            # (an eval, a retry, a direct call) decodes a transformed latent by accident.
+            model.register_forward_hook(self._disarm, always_call=True),
+        ]
+        self._wrap_update_metric(model)
+
+    def _wrap_update_metric(self, model: Any) -> None:
+        """Hand ``update_metric`` the transformed target for the training outputs of a transformed microbatch."""
+        if self._metric_model is model:
+            return
+        original: Callable = model.update_metric
+
+        def update_metric(batch: Any, outputs: Any, metric: Any) -> Any:
+            target = self._current.target
+            if target is not None:
+                batch = batch_set(copy.copy(batch), self.image_key, target)
+            return original(batch, outputs, metric)
+
+        model.update_metric = update_metric
+        self._metric_model = model
 
     @property
     def _resize_kw(self) -> dict[str, Any]:
         return {'interpolation': self.interpolation, 'antialias': self.antialias}
 
-    def draw(self, rank_seed: int, batch: int, microbatch: int) -> tuple[Branch, SpatialTransform]:
+    def draw(
+        self, rank_seed: int, batch: int, microbatch: int, pass_index: int = 0,
+    ) -> tuple[Branch, SpatialTransform]:
         """The branch and transform of one microbatch: a pure function of these seeds and the options.
 
         Args:
-            rank_seed: the rank's seed (Composer's ``state.seed``).
+            rank_seed: the rank's seed (Composer's ``state.seed``; ``state.rank_zero_seed`` with
+                ``shared_draws``).
             batch: the training batch (``state.timestamp.batch``).
-            microbatch: the microbatch within the batch.
+            microbatch: the microbatch within the pass.
+            pass_index: the pass over the batch (see ``microbatch_seed``). Default: ``0``.
 
         Returns:
             tuple[Branch, SpatialTransform]: the identity transform for the full-resolution branch.
         """
-        generator = torch.Generator().manual_seed(microbatch_seed(rank_seed, batch, microbatch))
+        generator = torch.Generator().manual_seed(microbatch_seed(rank_seed, batch, microbatch, pass_index))
         branch = sample_branch(self.p_equivariance, self.p_lowres, generator)
         if branch == Branch.EQUIVARIANCE:
             return branch, sample_transform(self.scales, self.rotations, self.anisotropic, generator)
         if branch == Branch.LOW_RES:
-            return branch, SpatialTransform(*sample_scales(self.scales, self.anisotropic, generator))
+            anisotropic = self.anisotropic and not self.lowres_isotropic
+            return branch, SpatialTransform(*sample_scales(self.scales, anisotropic, generator))
         return branch, SpatialTransform()
 
     def _begin_microbatch(self, state: State, logger: Logger) -> None:
-        self._branch, self._transform = self.draw(self._rank_seed, int(state.timestamp.batch), self._microbatch)
+        # A fresh state whatever the last microbatch left behind: a forward or loss that raised (an OOM
+        # retried by auto microbatching, a user's try/except) never reached AFTER_FORWARD/AFTER_LOSS.
+        stale = self._current
+        if stale.original_image is not None and state.batch_get_item(self.image_key) is stale.target:
+            state.batch_set_item(self.image_key, stale.original_image)  # the same batch again: give x back
+        branch, transform = self.draw(self._seed, int(state.timestamp.batch), self._microbatch, self._pass)
+        self._current = _Microbatch(branch, transform)
         self._microbatch += 1
-        if self._branch == Branch.EQUIVARIANCE:
-            self._armed, self._hook_calls = True, 0
-        elif self._branch == Branch.LOW_RES:
-            scale_h, scale_w = self._transform.scale_h, self._transform.scale_w
-            self._swap_image(state, lambda x: downscale_image(x, scale_h, scale_w, self._factor, **self._resize_kw))
+        image = state.batch_get_item(self.image_key)
+        self._check_target_size(tuple(image.shape[-2:]))
+        if branch == Branch.EQUIVARIANCE:
+            self._current.armed = True
+        elif branch == Branch.LOW_RES:
+            self._swap_image(state, lambda x: downscale_image(x, transform.scale_h, transform.scale_w, self._factor,
+                                                              **self._resize_kw))
         # Fixed keys on every step and rank: Composer's loggers and all-reduces expect that.
         logger.log_metrics({
-            'eqvae/branch': float(self._branch),
-            'eqvae/scale_h': self._transform.scale_h,
-            'eqvae/scale_w': self._transform.scale_w,
-            'eqvae/rotation_deg': 90.0 * self._transform.quarter_turns,
+            'eqvae/branch': float(branch),
+            'eqvae/scale_h': transform.scale_h,
+            'eqvae/scale_w': transform.scale_w,
+            'eqvae/rotation_deg': 90.0 * transform.quarter_turns,
         })
+
+    def _check_target_size(self, size: tuple[int, int]) -> None:
+        """Fail before any work when the smallest draws would give the model images it cannot take."""
+        if self.min_target_size is None or size in self._checked_sizes or self.p_equivariance + self.p_lowres == 0:
+            return
+        check_target_size(size, self._factor, self.scales, self.min_target_size)
+        self._checked_sizes.add(size)
 
     def _swap_image(self, state: State, fn) -> None:
         image = state.batch_get_item(self.image_key)
-        if self._original_image is None:
-            self._original_image = image
-        state.batch_set_item(self.image_key, fn(image))
+        if self._current.original_image is None:
+            self._current.original_image = image
+        self._current.target = fn(image)
+        state.batch_set_item(self.image_key, self._current.target)
 
     def _transform_latent(self, module: torch.nn.Module, args: tuple) -> tuple | None:
-        if not self._armed:
+        if not self._current.armed:
             return None
-        self._hook_calls += 1
-        # contiguous: rot90 returns a strided view, which would give the decoder odd-strided gradients
-        return (apply_to_latent(args[0], self._transform, **self._resize_kw).contiguous(), *args[1:])
+        self._current.hook_calls += 1
+        return (apply_to_latent(args[0], self._current.transform, **self._resize_kw), *args[1:])
+
+    def _end_microbatch(self) -> None:
+        """Nothing of the last microbatch reaches what runs next; its branch and transform stay readable."""
+        self._current.armed = False
+        self._current.target = None
+        self._current.original_image = None
+
+    def _disarm(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._current.armed = False
 
     def _check_hook_ran(self) -> None:
-        if self._armed and self._hook_calls == 0:
+        if self._current.branch == Branch.EQUIVARIANCE and self._current.hook_calls == 0:
             raise RuntimeError(
                 "EquivarianceAlgorithm: the model's forward did not decode a latent through the AutoencoderKL, "
                 'so the equivariance transform could not be applied. The forward must run the VAE decoder.',
             )
-        self._armed = False

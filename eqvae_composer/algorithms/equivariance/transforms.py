@@ -23,12 +23,15 @@ __all__ = [
     'SpatialTransform',
     'apply_to_image',
     'apply_to_latent',
+    'check_target_size',
     'downscale_image',
     'resize',
     'sample_branch',
     'sample_scales',
     'sample_transform',
     'scaled_size',
+    'smallest_scale',
+    'smallest_target_size',
 ]
 
 #: The reference scale grid: s/32 for s = 8..31, i.e. 0.25 .. 0.96875.
@@ -85,8 +88,10 @@ def resize(
 
 
 def _rotate(x: torch.Tensor, quarter_turns: int) -> torch.Tensor:
-    # The reference rotates with dims=[-1, -2]; keep its direction so latents match it.
-    return torch.rot90(x, quarter_turns, dims=[-1, -2]) if quarter_turns % 4 else x
+    # The reference rotates with dims=[-1, -2]; keep its direction so latents match it. contiguous:
+    # rot90 returns a strided view, which `.view()` in metrics rejects and which would give the
+    # decoder odd-strided gradients.
+    return torch.rot90(x, quarter_turns, dims=[-1, -2]).contiguous() if quarter_turns % 4 else x
 
 
 def apply_to_latent(
@@ -128,6 +133,44 @@ def downscale_image(
 ) -> torch.Tensor:
     """The low-resolution prior-preservation input: ``x`` scaled down, aligned to the latent grid."""
     return apply_to_image(x, SpatialTransform(scale_h, scale_w), downsample_factor, interpolation, antialias)
+
+
+def smallest_scale(scales: str | Sequence[float]) -> float:
+    """The smallest scale ``scales`` can draw (see ``sample_scales``)."""
+    if scales == 'uniform':
+        return _UNIFORM_LOW
+    options = {'grid': GRID_SCALES, 'discrete': DISCRETE_SCALES}.get(scales, scales)  # type: ignore[arg-type]
+    return float(min(options))
+
+
+def smallest_target_size(size: int, downsample_factor: int, scales: str | Sequence[float]) -> int:
+    """The smallest side, in pixels, of tau(x) or of a low-resolution input, for images of side ``size``.
+
+    Both the equivariance and the low-resolution branch scale the latent grid first, so at 256 px an
+    f8 VAE with the reference grid (smallest scale 8/32) gives ``floor(32 * 0.25) * 8 = 64`` px, and
+    at 64 px ``floor(8 * 0.25) * 8 = 16`` px. A discriminator or loss that needs larger inputs must
+    train at a larger resolution or draw larger scales.
+    """
+    scale = smallest_scale(scales)
+    return scaled_size((size // downsample_factor, size // downsample_factor), scale, scale)[0] * downsample_factor
+
+
+def check_target_size(
+    size: Sequence[int], downsample_factor: int, scales: str | Sequence[float], min_target_size: int,
+) -> None:
+    """Raise ``ValueError`` saying what to change when images of ``size`` give targets under ``min_target_size``."""
+    smallest = min(smallest_target_size(int(side), downsample_factor, scales) for side in size)
+    if smallest >= min_target_size:
+        return
+    needed = next(r for r in range(downsample_factor, 1 << 16, downsample_factor)
+                  if smallest_target_size(r, downsample_factor, scales) >= min_target_size)
+    min_scale = -(-min_target_size // downsample_factor) / (min(size) // downsample_factor)
+    raise ValueError(
+        f'EquivarianceAlgorithm: at {size[0]}x{size[1]} px the smallest scale {smallest_scale(scales):g} gives '
+        f'{smallest} px images, but the model needs at least {min_target_size} px (min_target_size, e.g. from its '
+        f'discriminator). Train at {needed} px or more, draw only scales of at least {min_scale:.4g} (`scales`), '
+        'or use a smaller discriminator (`disc_num_layers`).',
+    )
 
 
 def _uniform(generator: torch.Generator) -> float:

@@ -1,0 +1,24 @@
+"""The README's "Adding EquivarianceAlgorithm() to a trainer you already have" example runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / 'README.md'
+
+
+def _section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f'## {title}')
+    end = text.index('\n## ', start + 1)
+    return text[start:end]
+
+
+def test_own_trainer_example_runs_and_its_train_metric_sees_consistent_pairs():
+    section = _section('Adding `EquivarianceAlgorithm()` to a trainer you already have')
+    first_block = re.findall(r'```python\n(.*?)```', section, flags=re.S)[0]
+    namespace: dict = {}
+    exec(compile(first_block, str(README), 'exec'), namespace)
+    trainer = namespace['trainer']
+    assert int(trainer.state.timestamp.batch) == 2
+    assert 'MSE' in trainer.state.train_metric_values
+    assert trainer.state.train_metric_values['MSE'] >= 0
