@@ -378,7 +378,7 @@ def conversion_profile(in_root: str, work: str) -> list[str]:
 
 
 def resize_report(in_root: str, count: int, reps: int) -> list[str]:
-    """The loader's crop resize (PyTorch, uint8) vs PIL's ``Image.resize`` on the same decoded crops, 1 thread."""
+    """The loader's crop resize (PyTorch, uint8) vs PIL's ``Image.resize`` on ``count`` decoded crops, 1 thread."""
     from glob import glob
 
     from eqvae_composer.data.transforms import decode_crop_resize
@@ -386,11 +386,13 @@ def resize_report(in_root: str, count: int, reps: int) -> list[str]:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     crops = []
-    for path in sorted(glob(os.path.join(in_root, 'train', '*', '*')))[:count]:
+    for path in sorted(glob(os.path.join(in_root, 'train', '*', '*'))):
         with Image.open(path) as f:
-            img = f.convert('RGB')
-        if max(img.size) < 1000:  # ImageNet-size images only
-            crops.append((img, sample_train_box(img.width, img.height, rng)))
+            if max(f.size) < 1000:  # ImageNet-size images only
+                img = f.convert('RGB')
+                crops.append((img, sample_train_box(img.width, img.height, rng)))
+        if len(crops) == count:
+            break
     contenders = {
         'PIL Image.resize(bicubic, box)': lambda img, box: img.resize((RESOLUTION, RESOLUTION),
                                                                       Image.Resampling.BICUBIC, box=box),
@@ -445,7 +447,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--smoke', action='store_true', help='Tiny sizes: checks the script, numbers meaningless.')
     parser.add_argument('--images', type=int, default=4000, help='Images to generate. Default: 4000.')
-    parser.add_argument('--loader-images', type=int, default=300, help='Images per size class for the loader.')
+    parser.add_argument('--loader-images', type=int, default=300,
+                        help='Images per size class for the loader (and crops for --resize). Default: 300.')
     parser.add_argument('--workdir', help='Where to generate (kept). Default: a temporary folder (deleted).')
     parser.add_argument('--reps', type=int, default=3, help='Repetitions, contenders alternating.')
     parser.add_argument('--writer-share', action='store_true',
@@ -463,8 +466,8 @@ def main() -> None:
     work = args.workdir or tempfile.mkdtemp(prefix='bench-data-')
     in_root = os.path.join(work, 'raw')
     try:
-        print(f'generating {count} JPEGs in {in_root} ...', flush=True)
         if not os.path.isdir(in_root):
+            print(f'generating {count} JPEGs in {in_root} ...', flush=True)
             generate(in_root, count, classes=20)
         sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(in_root) for f in fs]
         shutil.rmtree(os.path.join(work, 'cache'), ignore_errors=True)
@@ -475,7 +478,7 @@ def main() -> None:
             '',
         ]
         if args.resize:
-            lines += resize_report(in_root, count, args.reps)
+            lines += resize_report(in_root, per_kind, args.reps)
         elif args.profile or args.part_sizes:
             _read_inputs(in_root)
             if args.profile:
