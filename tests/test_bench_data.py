@@ -24,6 +24,22 @@ def test_smoke_run_prints_every_measure(tmp_path):
     assert out.count(' x') >= 8  # a ratio for every contender
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('mode, heading', [
+    (['--profile'], 'conversion profile'),
+    (['--part-sizes', '20', '40'], 'conversion by part size'),
+    (['--resize'], 'crop resize to 256 px'),
+])
+def test_smoke_run_of_each_single_measurement(tmp_path, mode, heading):
+    # The commands docs/BENCHMARKS.md cites for its profile, part-size and resize figures.
+    result = subprocess.run(
+        [sys.executable, 'scripts/bench_data.py', '--smoke', '--reps', '2', '--workdir', str(tmp_path), *mode],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert heading in result.stdout
+
+
 def _load_bench():
     import importlib.util
 

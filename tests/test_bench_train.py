@@ -141,3 +141,11 @@ def test_smoke_run_compares_all_contenders(tmp_path):
     result = json.loads(out.read_text())['resolutions']['64']
     assert set(result['median_images_per_second']) == set(bench.DEFAULT_CONTENDERS)
     assert set(result['ratios']) == {'ours/reference', 'ours/reference_shipped', 'ours/ours_eq_off', 'ours/plain'}
+
+
+@pytest.mark.slow
+def test_smoke_profile_breaks_the_step_down():
+    proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--profile'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'convolution backward' in proc.stdout and 'share of CPU self time' in proc.stdout

@@ -317,7 +317,11 @@ def test_unwritable_output_exit_code(many_images, tmp_path):
     shutil.rmtree(many_images)
 
 
-@pytest.mark.parametrize('hashes, compression', [([], None), (['sha1', 'xxh64'], None), (['sha1'], 'zstd')])
+@pytest.mark.parametrize('hashes, compression', [
+    ([], None),
+    (['md5', 'sha1', 'xxh3_64', 'xxh64'], None),  # hashlib's and xxhash's, updated piece by piece
+    (['sha1'], 'zstd'),  # compression: the one-buffer path
+])
 def test_lean_writer_writes_the_same_files_as_mdswriter(tmp_path, hashes, compression):
     from streaming import MDSWriter
 

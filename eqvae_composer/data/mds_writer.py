@@ -65,9 +65,6 @@ class LeanMDSWriter(MDSWriter):
         pieces[0] = np.array(sizes, np.uint32).tobytes()
         return pieces
 
-    def encode_sample(self, sample: dict[str, Any]) -> bytes:
-        return b''.join(self.encode_sample_pieces(sample))
-
     def write(self, sample: dict[str, Any]) -> None:
         # ``Writer.write`` with the sample kept in pieces (its size is the sum of theirs).
         if self.event.is_set():
