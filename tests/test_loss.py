@@ -369,3 +369,32 @@ def test_lpips_dropout_needs_a_network_with_dropout():
         VAEGANLoss(lpips_weight=0, lpips_dropout=True)
     with pytest.raises(ValueError, match='no Dropout layer'):
         VAEGANLoss(lpips=TinyPerceptual(), lpips_dropout=True)
+
+
+@pytest.mark.parametrize('left_behind', ['empty', 'flat'])
+def test_adaptive_weight_never_reads_the_last_layers_weight(left_behind):
+    # Outside the wrapped forward, FSDP1 (use_orig_params) leaves the decoder's last-layer weight as a 1-D
+    # view of the rank's shard, or an empty tensor on a rank that holds none of it; the loss runs there.
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model = _model()
+    _, _, expected_weight = _reference_two_pass(model, x, seed=4)
+    outputs = _forward_with_seed(model, x, seed=4)
+    conv = model.vae.decoder.conv_out
+    shard = conv.weight.detach().flatten().clone() if left_behind == 'flat' else torch.empty(0)
+    conv.weight = nn.Parameter(shard)
+    losses = model.loss(outputs, {'image': x})
+    assert losses['disc_weight'].item() == pytest.approx(expected_weight, rel=1e-4) and expected_weight > 0
+
+
+def test_adaptive_weight_of_a_grouped_strided_conv_matches_autograd():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
+    h = torch.randn(2, 4, 9, 8)
+    out = conv(h)
+    grad_nll, grad_g = torch.randn_like(out), torch.randn_like(out)
+    (w_nll,) = torch.autograd.grad(out, conv.weight, grad_nll, retain_graph=True)
+    (w_g,) = torch.autograd.grad(out, conv.weight, grad_g)
+    expected = 0.5 * (w_nll.norm() / (w_g.norm() + 1e-4))
+    loss = VAEGANLoss(lpips_weight=0, disc_weight=0.5)
+    conv.weight = nn.Parameter(torch.empty(0))  # the computation needs only the layer's hyperparameters
+    assert loss._adaptive_weight(grad_nll, grad_g, conv, h).item() == pytest.approx(expected.item(), rel=1e-5)

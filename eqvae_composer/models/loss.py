@@ -257,10 +257,13 @@ class VAEGANLoss(nn.Module):
     def _adaptive_weight(self, grad_nll, grad_g, last_layer: nn.Conv2d, last_layer_input) -> torch.Tensor:
         """``disc_weight * clamp(||dnll/dW|| / (||dg/dW|| + 1e-4), 0, max)`` for W the last layer's weight."""
         h = last_layer_input.detach().float()
+        # The weight's shape from the layer's hyperparameters, not from `last_layer.weight`: outside the
+        # wrapped forward, FSDP1 with a sharding strategy leaves that a flat shard or freed storage.
+        weight_shape = (last_layer.out_channels, last_layer.in_channels // last_layer.groups, *last_layer.kernel_size)
 
         def weight_grad(grad_output: torch.Tensor) -> torch.Tensor:
             return torch.nn.grad.conv2d_weight(
-                h, last_layer.weight.shape, grad_output, last_layer.stride, last_layer.padding,
+                h, weight_shape, grad_output, last_layer.stride, last_layer.padding,
                 last_layer.dilation, last_layer.groups,
             )
 
