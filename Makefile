@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 COMPOSER := $(VENV)/bin/composer -n 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint experiment clean
+.PHONY: install demo test test-fast lint experiment clean gpu-wheels gpu-check gpu-check-dry
 
 # Exact pins (requirements/constraints.txt) keep pip's resolver from backtracking for minutes.
 $(INSTALLED): setup.py requirements/constraints.txt
@@ -36,5 +36,16 @@ lint: install
 experiment: install
 	$(PY) scripts/replicate.py
 
+# The GPU check (docs/OPERATIONS.md, "Checking on a GPU"): the wheels it carries, downloaded here; the
+# check itself, on the GPU machine (no install: its image has torch, .whl/ the rest); its CPU dry run.
+gpu-wheels:
+	scripts/gpu_wheels.sh
+
+gpu-check:
+	scripts/gpu_check.sh
+
+gpu-check-dry: install
+	PYTHON=$(PY) scripts/gpu_check.sh --dry
+
 clean:
-	rm -rf mds runs .pytest_cache
+	rm -rf mds runs .pytest_cache gpu_check_out

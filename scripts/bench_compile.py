@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=1, help='CPU threads (see docs/BENCHMARKS.md)')
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--sizes', type=int, default=4, help='equivariance latent sizes to try after the first')
+    parser.add_argument('--backend', default='inductor',
+                        help="torch.compile's backend; 'eager' only traces, without generating code (a quick check)")
     args = parser.parse_args()
     if args.device == 'cpu':
         torch.set_num_threads(args.threads)
@@ -59,8 +61,8 @@ def main() -> None:
         return time.perf_counter() - start
 
     step(eager)
-    compiled.encoder.compile()
-    compiled.decoder.compile()
+    compiled.encoder.compile(backend=args.backend)
+    compiled.decoder.compile(backend=args.backend)
     first = step(compiled)
     print(json.dumps({'first_compiled_step_s': round(first, 2)}), flush=True)
     times: dict[str, list[float]] = {'eager': [], 'compiled': []}

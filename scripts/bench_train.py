@@ -669,7 +669,7 @@ def count_step_flops(width: int = 128, resolution: int = 256, batch_size: int = 
             target = apply_to_image(x, tau, 8) if branch == Branch.EQUIVARIANCE else x
             # the loss's autocast guard has no meta-device variant: call its body directly
             model.loss_fn._losses(target, outputs['reconstruction'], outputs['posterior'], model.vae.decoder.conv_out,
-                                  outputs['last_layer_input'], 0)['total'].backward()
+                                  outputs['last_layer_input'], 0, None)['total'].backward()
         if hook is not None:
             hook.remove()
         return counter.total / batch_size / 1e9

@@ -1,7 +1,8 @@
 """Launched by tests/test_distributed.py under `composer -n N`: train a tiny model, save each rank's weights.
 
-Usage: [STEPS=2] [LR_SCALE=1] [GAN_UPDATES=joint] composer -n N tests/distributed/train_ranks.py OUT_DIR {ddp,fsdp}
-MICROBATCH. GAN_UPDATES=alternating runs the reference's two passes per batch (``AlternatingGANUpdates``).
+Usage: [STEPS=2] [LR_SCALE=1] [GAN_UPDATES=joint] [PRECISION=fp32] composer -n N tests/distributed/train_ranks.py
+OUT_DIR {ddp,fsdp} MICROBATCH. GAN_UPDATES=alternating runs the reference's two passes per batch
+(``AlternatingGANUpdates``); PRECISION is the Trainer's (unset: Composer's default).
 
 Every microbatch takes the same deterministic EQ-VAE transform and the posterior mean, so a run on
 N processes and a run on one process with N microbatches of the same samples must agree: the GAN's
@@ -61,6 +62,7 @@ def main(out_dir: str, mode: str, microbatch: int) -> None:
         algorithms=[EquivarianceAlgorithm(p_equivariance=1.0, scales=[0.5], rotations=[1])],
         device_train_microbatch_size=microbatch,
         parallelism_config={'fsdp': {}} if mode == 'fsdp' else None,
+        precision=os.environ.get('PRECISION'),  # unset: Composer's default (fp32 on CPU, amp_fp16 on GPU)
         seed=0,
         progress_bar=False,
         log_to_console=False,
