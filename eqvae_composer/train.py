@@ -38,6 +38,7 @@ from eqvae_composer.checkpoints import (
     load_autoencoder,
     trained_autoencoder,
 )
+from eqvae_composer.compat import forget_loaded_rng_state, loaded_rng_state
 from eqvae_composer.data.dataset import EmptyDatasetError, build_image_dataloader, check_local_dataset
 from eqvae_composer.introspection import vae_downsample_factor
 from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL, VAEGANLoss, load_lpips
@@ -470,11 +471,11 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
 
 def _restore_rng_mid_epoch(trainer: Trainer) -> None:
     """Hand the loaded checkpoint's RNG to ``RestoreRNGMidEpoch`` when Composer would drop it (see there)."""
-    rng_state = getattr(trainer, '_rng_state', None)  # what Trainer.__init__ loaded; composer 0.32 internals
+    rng_state = loaded_rng_state(trainer)
     timestamp, resumption = trainer.state.timestamp, trainer.state.dataset_resumption
     if rng_state is not None and int(timestamp.batch_in_epoch) > 0 and 'train' in resumption:
         trainer.state.callbacks.insert(0, RestoreRNGMidEpoch(rng_state))
-        trainer._rng_state = None
+        forget_loaded_rng_state(trainer)
 
 
 def _loader_kwargs(loader: LoaderConfig, train: bool, seed: int) -> dict[str, Any]:

@@ -1,6 +1,5 @@
 """The training benchmark compares like with like: its reference-style loop computes our losses and gradients."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,21 +8,12 @@ import pytest
 import torch
 
 from eqvae_composer.algorithms.equivariance.transforms import Branch, SpatialTransform
+from eqvae_composer.benchmarks import flops
+from eqvae_composer.benchmarks import train_step as bench
 from tests.test_loss import TinyPerceptual
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'bench_train.py')
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location('bench_train', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules['bench_train'] = module  # dataclasses look their module up while the script executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 
 def _record_steps(optimizer, into: dict, model) -> None:
@@ -128,6 +118,24 @@ def test_memory_measurement_counts_the_contender(monkeypatch):
     monkeypatch.setattr(bench, 'memory_steps', lambda max_steps=8: 1)
     result = bench.measure_memory('plain', cfg, None)
     assert result['peak_mib'] > 0 and result['steps'] == 1
+
+
+def test_flop_counter_uses_the_matmul_formula():
+    a, b = torch.randn(4, 8), torch.randn(8, 16)
+    with flops.FlopCounter() as counter:
+        a @ b
+    assert counter.total == 2 * 4 * 8 * 16  # a multiply and an add per term
+
+
+@pytest.mark.slow
+def test_flop_count_of_a_small_step(monkeypatch):
+    monkeypatch.setattr(flops, 'GRID_SCALES', (0.5, 0.75))  # two scales instead of 24: the same code, faster
+    result = flops.count_step_flops(width=8, resolution=64)
+    # The reference runs a second full forward for its discriminator step; low-res and smaller
+    # equivariance targets make the branch mix cheaper than full resolution.
+    assert 0 < result['vae_fwd_bwd'] < result['ours_full_res'] < result['reference_full_res']
+    assert result['ours_branch_mix'] < result['ours_full_res']
+    assert result['reference_branch_mix'] < result['reference_full_res']
 
 
 @pytest.mark.slow

@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from eqvae_composer.compat import DiagonalGaussianDistribution
 from eqvae_composer.models.discriminator import PatchGANDiscriminator
 from eqvae_composer.models.lpips import dropout_active, lpips_distance
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils.batch_helpers import batch_set
+from composer.utils import batch_set
 
 from eqvae_composer.algorithms.equivariance.transforms import (
     SCALE_MODES,
