@@ -50,10 +50,7 @@ import torch.utils._python_dispatch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eqvae_composer.algorithms.equivariance.equivariance import (  # noqa: E402
-    EquivarianceAlgorithm,
-    latent_entry_point,
-)
+from eqvae_composer.algorithms.equivariance.equivariance import EquivarianceAlgorithm  # noqa: E402
 from eqvae_composer.algorithms.equivariance.transforms import (  # noqa: E402
     Branch,
     SpatialTransform,
@@ -61,6 +58,7 @@ from eqvae_composer.algorithms.equivariance.transforms import (  # noqa: E402
     apply_to_latent,
     downscale_image,
 )
+from eqvae_composer.introspection import latent_entry_point  # noqa: E402
 from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss  # noqa: E402
 from eqvae_composer.train import OptimizerConfig, build_optimizer  # noqa: E402
 
