@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from eqvae_composer.cli import error_line, run_cli
 from eqvae_composer.data.convert import (
     SOURCE_NAMES,
     ConvertOptions,
@@ -88,16 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     except NoUsableImagesError as exc:
         for summary in exc.summaries:
             print(format_summary(summary))
-        print(f'error: {exc}', file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 1
     except OutputExistsError as exc:
-        print(f'error: {exc}', file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as exc:  # the input is missing or the arguments do not fit it
-        print(f'error: {exc}', file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f'error: cannot write the output: {exc}', file=sys.stderr)
+        print(error_line(f'cannot write the output: {exc}'), file=sys.stderr)
         return 2
     for summary in summaries:
         print(format_summary(summary))
@@ -105,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_cli(main)

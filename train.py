@@ -2,12 +2,15 @@
 
 import sys
 
-from eqvae_composer.train import ConfigError, train_from_yaml
+from eqvae_composer.cli import run_cli
+from eqvae_composer.train import train_from_yaml
 
-if __name__ == '__main__':
+
+def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ('-h', '--help'):
         sys.exit(__doc__)
-    try:
-        train_from_yaml(sys.argv[1], sys.argv[2:])
-    except (ConfigError, FileNotFoundError) as error:
-        sys.exit(f'error: {error}')
+    train_from_yaml(sys.argv[1], sys.argv[2:])
+
+
+if __name__ == '__main__':
+    run_cli(main)

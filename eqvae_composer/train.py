@@ -20,7 +20,7 @@ import torch
 from composer import Trainer
 from composer.algorithms import EMA, GradientClipping
 from composer.core import Algorithm
-from composer.utils import dist, parse_uri, reproducibility
+from composer.utils import dist, get_device, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
@@ -38,7 +38,7 @@ from eqvae_composer.checkpoints import (
     load_autoencoder,
     trained_autoencoder,
 )
-from eqvae_composer.data.dataset import build_image_dataloader, check_local_dataset
+from eqvae_composer.data.dataset import EmptyDatasetError, build_image_dataloader, check_local_dataset
 from eqvae_composer.introspection import adapter_for, adapter_of_kind, vae_downsample_factor
 from eqvae_composer.models import (
     AlternatingAdam,
@@ -49,6 +49,7 @@ from eqvae_composer.models import (
     VQGANLoss,
     load_lpips,
 )
+from eqvae_composer.models.lpips import resolve_lpips_weights
 from eqvae_composer.registry import CALLBACKS, LOGGERS
 
 __all__ = [
@@ -149,7 +150,7 @@ class LoaderConfig:
 
     dataset: dict[str, Any] = MISSING
     num_workers: int = 0
-    drop_last: bool = True
+    drop_last: bool | None = None  # None: True for training, False for eval (which must see every sample)
     pin_memory: bool = False
     prefetch_factor: int | None = None
     persistent_workers: bool = False
@@ -287,8 +288,7 @@ def build_model(cfg: ModelConfig) -> GANAutoencoderModel:
     other_kinds_keys = {key for other, keys in _KIND_ONLY.items() if other != kind for key in keys}
     loss_kwargs = {k: v for k, v in vars(cfg.loss).items()
                    if k != 'lpips_vgg_weights' and f'loss.{k}' not in other_kinds_keys}
-    needs_lpips = cfg.loss.lpips_weight > 0 or 'LPIPS' in (cfg.eval_metrics or ())
-    lpips = load_lpips(cfg.loss.lpips_vgg_weights) if needs_lpips else None
+    lpips = load_lpips(cfg.loss.lpips_vgg_weights) if _needs_lpips(cfg) else None
     metrics = {} if cfg.eval_metrics is None else {'eval_metrics': cfg.eval_metrics}
     if kind == AutoencoderKind.vq:
         return ComposerVQModel(vae, VQGANLoss(lpips=lpips, **loss_kwargs), image_key=cfg.image_key, **metrics)
@@ -300,6 +300,19 @@ def build_model(cfg: ModelConfig) -> GANAutoencoderModel:
         gradient_checkpointing=cfg.gradient_checkpointing,
         **metrics,
     )
+
+
+def _needs_lpips(cfg: ModelConfig) -> bool:
+    return cfg.loss.lpips_weight > 0 or 'LPIPS' in (cfg.eval_metrics or ())
+
+
+def _check_weight_files(cfg: ModelConfig) -> None:
+    """Every pretrained weight file the run needs is here (or downloadable): before any data or VAE is loaded.
+
+    LPIPS' VGG16 is the only one: ``EVAL_METRICS`` has no FID (Inception) metric.
+    """
+    if _needs_lpips(cfg):
+        resolve_lpips_weights(cfg.loss.lpips_vgg_weights)
 
 
 def build_optimizer(model: GANAutoencoderModel, cfg: OptimizerConfig) -> torch.optim.Adam:
@@ -347,7 +360,7 @@ def _check_fsdp_version(cfg: TrainConfig) -> None:
 
 
 def _check_paths(cfg: TrainConfig) -> None:
-    """Data folders exist (or are remote), checkpoint locations are usable: before anything is loaded."""
+    """Data folders exist and hold samples (or are remote), checkpoints can be saved: before anything is loaded."""
     for name, loader in (('train_loader', cfg.train_loader), ('eval_loader', cfg.eval_loader)):
         if loader is None:
             continue
@@ -357,7 +370,10 @@ def _check_paths(cfg: TrainConfig) -> None:
             if stream.get('remote') is None:
                 if stream.get('local') is None:
                     raise ConfigError(f'{name}.dataset needs `local` (a folder of MDS shards) or `remote` (a URI).')
-                check_local_dataset(stream['local'], stream.get('split'))
+                try:
+                    check_local_dataset(stream['local'], stream.get('split'))
+                except EmptyDatasetError as error:
+                    raise ConfigError(f'{name}.dataset: {error}') from None
     if cfg.save_folder is not None:
         scheme = parse_uri(cfg.save_folder)[0]
         if scheme and scheme not in SAVE_SCHEMES:
@@ -430,7 +446,11 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     per_device_batch = _check_batch_sizes(cfg, dist.get_world_size())
     precision = _precision(cfg)
     _check_fsdp_version(cfg)
+    if cfg.eval_loader is not None and cfg.eval_loader.drop_last:
+        raise ConfigError('eval_loader.drop_last: evaluation must see every sample; remove the setting.')
     _check_paths(cfg)
+    _check_weight_files(cfg.model)
+    _check_kind_settings(cfg.model)
     algorithms = _instantiate(ALGORITHMS, 'algorithms', cfg.algorithms)
     callbacks = _instantiate(CALLBACKS, 'callbacks', cfg.callbacks)
     if cfg.nan_guard is not None:
@@ -441,6 +461,10 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     loggers = _instantiate(LOGGERS, 'loggers', cfg.loggers)
     saver = _checkpoint_saver(cfg)
 
+    # As the Trainer will (same device, same default timeout), but before the datasets: otherwise each
+    # StreamingDataset sets up and tears down a process group of its own, and a rank building the second
+    # one can meet the first one's teardown (a broken pipe).
+    dist.initialize_dist(get_device(None))
     train_loader = build_image_dataloader(
         batch_size=per_device_batch, **_loader_kwargs(cfg.train_loader, train=True, seed=cfg.seed),
     )
@@ -504,6 +528,8 @@ def _restore_rng_mid_epoch(trainer: Trainer) -> None:
 
 def _loader_kwargs(loader: LoaderConfig, train: bool, seed: int) -> dict[str, Any]:
     kwargs = {k: v for k, v in vars(loader).items() if k != 'dataset'}
+    if kwargs['drop_last'] is None:  # eval keeps its last, partial batch: every sample counts
+        kwargs['drop_last'] = train
     dataset = dict(loader.dataset)
     dataset.setdefault('train', train)
     dataset.setdefault('shuffle_seed', seed)  # the order and the crops follow the run's seed

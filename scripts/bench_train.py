@@ -4,6 +4,7 @@
     python scripts/bench_train.py --smoke               # tiny, under a minute: checks that the benchmark runs
     python scripts/bench_train.py --device cuda --width 128 --resolutions 256   # SD-VAE itself, bf16 autocast
     python scripts/bench_train.py --flops               # analytic FLOPs of one SD-VAE step at 256 px (meta device)
+    python scripts/bench_train.py --profile --resolutions 128   # where a full-resolution step's CPU time goes
 
 The contenders train the same model (same initial weights), on the same images, with the same
 sequence of EQ-VAE branches and transforms (drawn exactly as ``EquivarianceAlgorithm`` draws them):
@@ -12,7 +13,11 @@ sequence of EQ-VAE branches and transforms (drawn exactly as ``EquivarianceAlgor
 * ``reference``: a plain PyTorch loop written here the way the reference (LDM ``AutoencoderKL`` +
   ``LPIPSWithDiscriminator`` under PyTorch Lightning 1.4) steps: two optimizers, a full forward for
   the autoencoder step and another for the discriminator step (with its own fresh transform),
-  adaptive weight from ``autograd.grad`` w.r.t. the decoder's last weight;
+  adaptive weight from ``autograd.grad`` w.r.t. the decoder's last weight; with the same Adam kernel
+  as ours (``--adam-kernel``, default ``fused``), so the ratio measures the step, not the kernel;
+* ``reference_shipped``: the same loop with ``torch.optim.Adam``'s defaults, as the reference ships
+  (PyTorch picks the kernel: a per-tensor for-loop on CPU, foreach on CUDA); ours / reference_shipped
+  is the as-shipped ratio;
 * ``ours_eq_off``: the same Trainer without the algorithm (full resolution every step);
 * ``plain``: our model and loss with the algorithm's transforms applied by hand, no Composer;
 * ``ours_ckpt`` (only with ``--contenders``): ``ours`` with gradient checkpointing.
@@ -50,7 +55,7 @@ import torch.utils._python_dispatch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eqvae_composer.algorithms.equivariance.equivariance import EquivarianceAlgorithm  # noqa: E402
+from eqvae_composer.algorithms.equivariance import EquivarianceAlgorithm  # noqa: E402
 from eqvae_composer.algorithms.equivariance.transforms import (  # noqa: E402
     Branch,
     SpatialTransform,
@@ -62,11 +67,14 @@ from eqvae_composer.introspection import latent_entry_point  # noqa: E402
 from eqvae_composer.models import ComposerAutoencoderKL, VAEGANLoss  # noqa: E402
 from eqvae_composer.train import OptimizerConfig, build_optimizer  # noqa: E402
 
-CONTENDERS = ('ours', 'reference', 'ours_eq_off', 'plain', 'ours_ckpt')
-DEFAULT_CONTENDERS = CONTENDERS[:4]
+CONTENDERS = ('ours', 'reference', 'reference_shipped', 'ours_eq_off', 'plain', 'ours_ckpt')
+DEFAULT_CONTENDERS = CONTENDERS[:5]
+#: ``--adam-kernel`` values: the fused kernel (what train.py builds), or PyTorch's choice (``torch.optim.Adam()``).
+ADAM_KERNELS = ('fused', 'default')
 #: (numerator, denominator, target ratio, what is compared); a target of None is reported, not judged.
 TARGETS = (
     ('ours', 'reference', 1.4, 'images/s'),
+    ('ours', 'reference_shipped', None, 'images/s'),
     ('ours', 'ours_eq_off', 1.0, 'images/s'),
     ('ours', 'plain', 0.95, 'images/s'),
     ('ours_ckpt', 'ours', None, 'images/s'),
@@ -114,8 +122,7 @@ class BenchConfig:
     lpips: bool = True
     lr: float = 1e-4
     channels_last: bool = False
-    fused_adam: bool = True  # what train.py builds (OptimizerConfig.fused)
-    reference_fused_adam: bool = False  # the reference's torch.optim.Adam defaults
+    adam_kernel: str = 'fused'  # every contender's (ADAM_KERNELS); reference_shipped always uses 'default'
     gradient_checkpointing: bool = False
     device: str = 'cpu'
 
@@ -136,13 +143,20 @@ def build_model(cfg: BenchConfig, lpips_net: torch.nn.Module | None, sample_post
     return model
 
 
+def sample_image(index: int, cfg: BenchConfig) -> torch.Tensor:
+    """Image ``index`` of the run (step ``index // batch_size``, row ``index % batch_size``), in [-1, 1]."""
+    generator = torch.Generator().manual_seed(1000 + index)
+    return torch.rand(3, cfg.resolution, cfg.resolution, generator=generator) * 2 - 1
+
+
 def images_for_step(step: int, cfg: BenchConfig) -> torch.Tensor:
     """The batch of step ``step``: the same for every contender (content does not change the cost)."""
-    generator = torch.Generator().manual_seed(1000 + step)
-    return torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, generator=generator) * 2 - 1
+    return torch.stack([sample_image(step * cfg.batch_size + row, cfg) for row in range(cfg.batch_size)])
 
 
 class _StepImages(torch.utils.data.Dataset):
+    """``images_for_step`` through a DataLoader, one image per ``__getitem__`` (the Trainer's data)."""
+
     def __init__(self, cfg: BenchConfig, num_steps: int) -> None:
         self.cfg, self.num_steps = cfg, num_steps
 
@@ -150,8 +164,7 @@ class _StepImages(torch.utils.data.Dataset):
         return self.num_steps * self.cfg.batch_size
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        step, row = divmod(index, self.cfg.batch_size)
-        return {'image': images_for_step(step, self.cfg)[row]}
+        return {'image': sample_image(index, self.cfg)}
 
 
 def draw(step: int, microbatch: int = 0, p_equivariance: float = P_EQUIVARIANCE,
@@ -220,7 +233,7 @@ class ReferenceLoop:
         self.sample_posterior, self.p_equivariance = sample_posterior, p_equivariance
         groups = model.param_groups(cfg.lr)
         self.ae_params, self.disc_params = groups[0]['params'], groups[1]['params']
-        kwargs = {'fused': True} if cfg.reference_fused_adam else {}
+        kwargs = {'fused': True} if cfg.adam_kernel == 'fused' else {}  # 'default': torch.optim.Adam's defaults
         self.opt_ae = torch.optim.Adam(self.ae_params, lr=cfg.lr, betas=(0.5, 0.9), **kwargs)
         self.opt_disc = torch.optim.Adam(self.disc_params, lr=cfg.lr, betas=(0.5, 0.9), **kwargs)
         model.train()
@@ -257,8 +270,8 @@ def _to(images: torch.Tensor, cfg: BenchConfig) -> torch.Tensor:
 
 
 def make_optimizer(model: ComposerAutoencoderKL, cfg: BenchConfig) -> torch.optim.Adam:
-    """The single Adam over two parameter groups that ``train.py`` builds."""
-    return build_optimizer(model, OptimizerConfig(lr=cfg.lr, fused=cfg.fused_adam))
+    """The single Adam over two parameter groups that ``train.py`` builds, with ``cfg.adam_kernel``."""
+    return build_optimizer(model, OptimizerConfig(lr=cfg.lr, fused=cfg.adam_kernel == 'fused'))
 
 
 class PlainLoop:
@@ -391,7 +404,9 @@ def build_contender(name: str, cfg: BenchConfig, lpips_net, total_steps: int, re
         return TrainerLoop(model, cfg, total_steps, equivariance=False)
     if name == 'plain':
         return _LoopContender(PlainLoop(model, cfg, _autocast(cfg)), cfg)
-    if name == 'reference':
+    if name in ('reference', 'reference_shipped'):
+        if name == 'reference_shipped':
+            cfg = dataclasses.replace(cfg, adam_kernel='default')
         return _LoopContender(ReferenceLoop(model, cfg, _autocast(cfg, True, reference_bf16)), cfg)
     raise ValueError(f'unknown contender {name!r}; choose from {CONTENDERS}.')
 
@@ -445,8 +460,7 @@ def _memory_in_subprocess(name: str, cfg: BenchConfig, args: argparse.Namespace)
            '--device', cfg.device, '--threads', str(args.threads)]
     cmd += ['--no-lpips'] if not cfg.lpips else []
     cmd += ['--channels-last'] if cfg.channels_last else []
-    cmd += ['--unfused-adam'] if not cfg.fused_adam else []
-    cmd += ['--reference-fused-adam'] if cfg.reference_fused_adam else []
+    cmd += ['--adam-kernel', cfg.adam_kernel]
     cmd += ['--reference-bf16'] if args.reference_bf16 else []
     # glibc raises its mmap threshold after large frees and then keeps freed tensor memory in the heap,
     # so RSS would count memory no tensor uses (it moved peaks by ~30% between identical runs). A fixed
@@ -488,6 +502,7 @@ def bench_resolution(cfg: BenchConfig, reps: int, steps: int, warmup: int, conte
         'ratios': {f'{a}/{b}': statistics.median(x / y for x, y in zip(ips[a], ips[b]))
                    for a, b, _, _ in TARGETS if a in ips and b in ips},
         'timed_branches': {b.name: branches.count(int(b)) for b in Branch},
+        'adam_kernel': cfg.adam_kernel,
     }
 
 
@@ -515,16 +530,20 @@ def _environment(device: str) -> dict[str, Any]:
 
 def _print_table(result: dict[str, Any], memory: dict[str, Any] | None) -> None:
     median = result['median_images_per_second']
-    print(f"{'contender':<14}{'images/s (median)':>20}{'peak MiB':>12}")
+    print(f"{'contender':<18}{'images/s (median)':>20}{'peak MiB':>12}")
     for name, value in median.items():
         mem = f"{memory[name]['peak_mib']:.0f}" if memory and name in memory else '-'
-        print(f'{name:<14}{value:>20.3f}{mem:>12}')
+        print(f'{name:<18}{value:>20.3f}{mem:>12}')
+    kernel = result.get('adam_kernel', 'fused')
+    notes = {'ours/reference': f'equal Adam kernels ({kernel})',
+             'ours/reference_shipped': f'as shipped: ours {kernel} Adam, the reference torch.optim.Adam()'}
     for a, b, target, _ in TARGETS:
         key = f'{a}/{b}'
         if key in result['ratios']:
             ratio = result['ratios'][key]
             verdict = '' if target is None else f'  (target >= {target}x: {"met" if ratio >= target else "MISSED"})'
-            print(f'{key:<24} {ratio:6.3f}x{verdict}')
+            note = f'  [{notes[key]}]' if key in notes else ''
+            print(f'{key:<24} {ratio:6.3f}x{verdict}{note}')
     if memory and 'ours' in memory and 'reference' in memory:
         ours, ref = memory['ours']['peak_mib'], memory['reference']['peak_mib']
         print(f"{'peak memory ours/ref':<24} {ours / ref:6.3f}   (target <= 1: {'met' if ours <= ref else 'MISSED'})")
@@ -555,6 +574,48 @@ def time_adam_kernels(cfg: BenchConfig, reps: int = 3, steps: int = 20) -> dict[
             _sync(cfg.device)
             times[name].append((time.perf_counter() - start) / steps * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+# --- where the step's time goes -----------------------------------------------------------------------
+
+_PROFILE_GROUPS = (  # (group, test on the lower-cased op name); the first match wins
+    ('Adam (the optimizer step)', lambda op: 'adam' in op or op.startswith('optimizer.step')),
+    ('convolution backward', lambda op: 'conv' in op and 'backward' in op),
+    ("convolution forward, PyTorch's im2col path", lambda op: 'slow_conv' in op or 'im2col' in op),
+    ('convolution forward (mkldnn)', lambda op: 'conv' in op),
+    ('max pooling (LPIPS-VGG)', lambda op: 'max_pool' in op),
+    ('group norm and SiLU', lambda op: 'group_norm' in op or 'silu' in op),
+)
+
+
+def profile_step(cfg: BenchConfig, lpips_net, steps: int = 4, warmup: int = 1) -> list[str]:
+    """``torch.profiler`` over ``steps`` full-resolution ``PlainLoop`` steps: CPU self time per group of ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if cfg.device != 'cpu':
+        raise ValueError('--profile breaks down CPU time; run it with --device cpu.')
+    loop = PlainLoop(build_model(cfg, lpips_net), cfg, _autocast(cfg))
+    full = [step for step in range(1000) if draw(step)[0] == Branch.FULL_RES][: warmup + steps]
+    for step in full[:warmup]:
+        loop.step(step, images_for_step(step, cfg))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for step in full[warmup:]:
+            loop.step(step, images_for_step(step, cfg))
+        seconds = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    grouped = dict.fromkeys([group for group, _ in _PROFILE_GROUPS] + ['everything else (element-wise, copies)'], 0.0)
+    for event in events:
+        op = event.key.lower()
+        group = next((g for g, match in _PROFILE_GROUPS if match(op)), 'everything else (element-wise, copies)')
+        grouped[group] += event.self_cpu_time_total
+    lines = [f'PlainLoop, {cfg.resolution} px, width {cfg.width}, batch {cfg.batch_size}, full resolution, '
+             f'{torch.get_num_threads()} thread(s), Adam kernel {cfg.adam_kernel}: {steps} steps of {seconds:.2f} s '
+             f'(under the profiler); share of CPU self time:']
+    lines += [f'  {group:<46s}{100 * us / total:5.1f}%' for group, us in grouped.items()]
+    lines += ['top ops by self CPU time:', events.table(sort_by='self_cpu_time_total', row_limit=12)]
+    return lines
 
 
 # --- analytic FLOPs ------------------------------------------------------------------------------------
@@ -657,8 +718,8 @@ def count_step_flops(width: int = 128, resolution: int = 256, batch_size: int = 
 def _config(args: argparse.Namespace, resolution: int) -> BenchConfig:
     return BenchConfig(width=args.width, layers_per_block=args.layers_per_block, disc_filters=args.disc_filters,
                        disc_layers=args.disc_layers, batch_size=args.batch_size, resolution=resolution,
-                       lpips=not args.no_lpips, channels_last=args.channels_last, fused_adam=not args.unfused_adam,
-                       reference_fused_adam=args.reference_fused_adam, device=args.device)
+                       lpips=not args.no_lpips, channels_last=args.channels_last, adam_kernel=args.adam_kernel,
+                       device=args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -680,15 +741,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--no-lpips', action='store_true', help='drop the perceptual term (faster, less faithful)')
     parser.add_argument('--channels-last', action='store_true', help='every contender in channels_last')
-    parser.add_argument('--unfused-adam', action='store_true',
-                        help="ours/plain with PyTorch's default Adam kernel instead of train.py's fused one")
-    parser.add_argument('--reference-fused-adam', action='store_true', help='the reference with Adam(fused=True)')
+    parser.add_argument('--adam-kernel', choices=ADAM_KERNELS, default='fused',
+                        help="every contender's Adam kernel (reference_shipped always PyTorch's default): fused "
+                             "(train.py's), or default (torch.optim.Adam's choice). Default: fused")
     parser.add_argument('--reference-bf16', action='store_true',
                         help='on CUDA, run the reference under bf16 autocast too (default: fp32, as the reference)')
     parser.add_argument('--memory', choices=('subprocess', 'none'), default='subprocess')
     parser.add_argument('--smoke', action='store_true', help='tiny and fast, for CI: checks that everything runs')
     parser.add_argument('--flops', action='store_true', help='print the FLOP count of an SD-VAE step and exit')
     parser.add_argument('--adam', action='store_true', help="time Adam's kernels on the model's parameters and exit")
+    parser.add_argument('--profile', action='store_true',
+                        help="profile full-resolution PlainLoop steps (torch.profiler, first resolution) and exit")
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -711,6 +774,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.device == 'cpu':
         torch.set_num_threads(args.threads)
     lpips_net = random_lpips().to(args.device) if not args.no_lpips else None
+    if args.profile:
+        lines = profile_step(_config(args, args.resolutions[0]), lpips_net)
+        print('\n'.join(lines))
+        return {'profile': lines}
     if args.memory_child:
         result = measure_memory(args.memory_child, _config(args, args.resolutions[0]), lpips_net, args.reference_bf16)
         print(json.dumps(result))

@@ -22,6 +22,7 @@ from composer.devices import DeviceCPU, DeviceGPU
 from composer.utils import dist
 
 from eqvae_composer.checkpoints import load_autoencoder
+from eqvae_composer.cli import run_cli
 from eqvae_composer.evaluation import (
     ALL_METRICS,
     DEFAULT_METRICS,
@@ -91,8 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lpips_net = load_lpips(args.lpips_weights) if 'lpips' in metrics else None
     except MissingWeightsError as error:
         hint = 'Pass the file with --inception-weights / --lpips-weights, or leave rfid/lpips out of --metrics.'
-        print(f'error: {error}\n{hint}', file=sys.stderr)
-        return 1
+        raise MissingWeightsError(f'{error} {hint}') from None
     use_gpu = args.device == 'gpu' or (args.device is None and torch.cuda.is_available())
     device = DeviceGPU() if use_gpu else DeviceCPU()
     dist.initialize_dist(device)
@@ -114,4 +114,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_cli(main)

@@ -14,10 +14,8 @@ checkpoint folder (or ``latest-rank0.pt``, which links to it), read in this one 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from eqvae_composer.checkpoints import (
-    AutoencoderLoadError,
     export_diffusers,
     export_ldm,
     image_loader,
@@ -25,6 +23,7 @@ from eqvae_composer.checkpoints import (
     load_for_export,
     set_latent_factors,
 )
+from eqvae_composer.cli import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +69,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (AutoencoderLoadError, FileNotFoundError) as error:
-        sys.exit(f'error: {error}')
+    run_cli(main)

@@ -10,17 +10,16 @@ Default: posterior samples, all channels pooled; ``scaling_factor = 1/std`` (LDM
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from eqvae_composer.checkpoints import (
-    AutoencoderLoadError,
     image_loader,
     latent_statistics,
     load_autoencoder,
     set_latent_factors,
 )
+from eqvae_composer.cli import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +56,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (AutoencoderLoadError, FileNotFoundError, ValueError) as error:
-        sys.exit(f'error: {error}')
+    run_cli(main, extra_errors=(ValueError,))  # latent_statistics' ValueErrors: empty data, zero spread

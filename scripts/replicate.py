@@ -33,6 +33,7 @@ import torch
 
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
 from eqvae_composer.checkpoints import load_autoencoder
+from eqvae_composer.cli import run_cli
 from eqvae_composer.evaluation import EvalProtocol, build_eval_dataset, dataset_size, evaluate
 from eqvae_composer.evaluation.visualize import image_rows
 from eqvae_composer.introspection import vae_downsample_factor
@@ -441,4 +442,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_cli(main)

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 import torch
 from torchvision.utils import save_image
 
 from eqvae_composer.checkpoints import load_autoencoder
+from eqvae_composer.cli import run_cli
 from eqvae_composer.evaluation import image_rows, latent_pca_rgb, load_eval_image, upsample_nearest
 
 
@@ -40,4 +40,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_cli(main)

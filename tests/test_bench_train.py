@@ -79,6 +79,44 @@ def test_reference_loop_gives_our_losses_and_gradients(monkeypatch, branch, tran
         torch.testing.assert_close(ours_grads[name], grad, rtol=1e-3, atol=max(1e-4 * scale, 2e-5), msg=name)
 
 
+class _CountGeneratedImages(torch.overrides.TorchFunctionMode):
+    """Counts the images ``torch.rand`` produces (``3 x side x side`` values each) while active."""
+
+    def __init__(self, side: int) -> None:
+        super().__init__()
+        self.side, self.images = side, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.rand:
+            self.images += out.numel() // (3 * self.side**2)
+        return out
+
+
+def test_the_trainer_data_generates_each_image_once():
+    # The Trainer's DataLoader runs inside ours' timed region; the reference loop generates each step's
+    # batch once. Building the whole batch per sample (as before) made ours pay batch_size^2 images a step.
+    cfg = bench.BenchConfig(batch_size=4, resolution=8)
+    loader = torch.utils.data.DataLoader(bench._StepImages(cfg, num_steps=3), batch_size=cfg.batch_size)
+    with _CountGeneratedImages(cfg.resolution) as counter:
+        batches = [batch['image'] for batch in loader]
+    assert counter.images == 3 * cfg.batch_size
+    for step, batch in enumerate(batches):  # and the same images the plain loops get
+        torch.testing.assert_close(batch, bench.images_for_step(step, cfg), rtol=0, atol=0)
+
+
+def test_ours_and_the_reference_share_an_adam_kernel_and_reference_shipped_keeps_pytorchs():
+    cfg = bench.BenchConfig(width=8, layers_per_block=1, disc_filters=8, disc_layers=1, resolution=32)
+    ours = bench.build_contender('plain', cfg, None, 1).loop.optimizer  # make_optimizer, as the Trainer's
+    reference = bench.build_contender('reference', cfg, None, 1).loop
+    shipped = bench.build_contender('reference_shipped', cfg, None, 1).loop
+    assert ours.defaults['fused'] is True
+    assert reference.opt_ae.defaults['fused'] is True and reference.opt_disc.defaults['fused'] is True
+    for optimizer in (shipped.opt_ae, shipped.opt_disc):  # torch.optim.Adam(): PyTorch picks the kernel
+        assert not optimizer.defaults['fused'] and optimizer.defaults['foreach'] is None
+    assert 'reference_shipped' in bench.DEFAULT_CONTENDERS
+
+
 def test_draws_follow_the_algorithm_mix():
     branches = [bench.draw(step)[0] for step in range(400)]
     assert 0.4 < branches.count(Branch.EQUIVARIANCE) / 400 < 0.6
@@ -103,4 +141,12 @@ def test_smoke_run_compares_all_contenders(tmp_path):
 
     result = json.loads(out.read_text())['resolutions']['64']
     assert set(result['median_images_per_second']) == set(bench.DEFAULT_CONTENDERS)
-    assert set(result['ratios']) == {'ours/reference', 'ours/ours_eq_off', 'ours/plain'}
+    assert set(result['ratios']) == {'ours/reference', 'ours/reference_shipped', 'ours/ours_eq_off', 'ours/plain'}
+
+
+@pytest.mark.slow
+def test_smoke_profile_breaks_the_step_down():
+    proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--profile'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'convolution backward' in proc.stdout and 'share of CPU self time' in proc.stdout

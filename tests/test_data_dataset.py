@@ -9,9 +9,16 @@ import pytest
 import torch
 from PIL import Image
 from streaming import MDSWriter
+from streaming.base.partition import get_partitions
 
 from eqvae_composer.data.convert import ConvertOptions, convert
-from eqvae_composer.data.dataset import StreamingImageDataset, build_image_dataloader
+from eqvae_composer.data.dataset import (
+    PADDING_KEY,
+    EmptyDatasetError,
+    StreamingImageDataset,
+    build_image_dataloader,
+    padding_mask,
+)
 from eqvae_composer.data.transforms import open_image, sample_train_box
 from tests.data_fixtures import jpeg_bytes, photo, streaming_env  # noqa: F401  (fixture, used by name)
 
@@ -118,6 +125,60 @@ def test_streams_from_dicts_with_proportions(tmp_path):
     )
     levels = [level for batch in loader for level in _levels(batch)]
     assert len(levels) == 40 and levels.count(10) == 30 and levels.count(240) == 10
+
+
+def test_streams_as_a_mapping_of_names(tmp_path):
+    # llm-foundry's YAMLs write `streams: {name: {local: ..., ...}}`; the names only label the streams.
+    _solid_dataset(tmp_path / 'dark', [10] * 3)
+    _solid_dataset(tmp_path / 'bright', [240] * 5)
+    loader = build_image_dataloader(
+        batch_size=4, drop_last=False, resolution=8, train=False,
+        streams={'dark': {'local': str(tmp_path / 'dark')}, 'bright': {'local': str(tmp_path / 'bright')}},
+    )
+    levels = [level for batch in loader for level in _levels(batch)]
+    assert sorted(levels) == [10] * 3 + [240] * 5
+
+
+@pytest.mark.parametrize('algo', ['orig', 'relaxed'])
+@pytest.mark.parametrize('samples, nodes, ranks, workers, batch', [
+    (5, 1, 2, 1, 2),    # one rank gets a repeat
+    (1, 1, 2, 1, 4),    # one rank gets nothing but a repeat
+    (7, 1, 3, 2, 2),
+    (11, 2, 2, 2, 3),   # two nodes: repeats at the node level too
+    (40, 1, 8, 2, 4),
+])
+def test_padding_mask_counts_each_sample_once_across_ranks_and_workers(algo, samples, nodes, ranks, workers, batch):
+    partition = get_partitions(algo, samples, nodes, nodes, ranks, workers, batch)
+    counted, yielded = [], 0
+    for node in range(nodes):
+        for rank in range(ranks):
+            for worker in range(workers):
+                ids = partition[node, rank, worker].reshape(-1)
+                ids = ids[ids != -1]  # StreamingDataset never yields these
+                padding = padding_mask(partition, node, rank, worker)
+                assert padding.shape == ids.shape
+                counted += ids[~padding].tolist()
+                yielded += len(ids)
+    assert sorted(counted) == list(range(samples))
+    if samples % (nodes * ranks):
+        assert yielded > samples  # the partition did repeat samples, and the mask dropped them
+
+
+def test_eval_iteration_flags_no_padding_on_one_process(tmp_path):
+    _solid_dataset(tmp_path / 'solid', LEVELS[:7])
+    loader = build_image_dataloader(batch_size=3, drop_last=False, local=str(tmp_path / 'solid'), resolution=8,
+                                    train=False)
+    batches = list(loader)
+    assert [len(b[PADDING_KEY]) for b in batches] == [3, 3, 1] and not any(b[PADDING_KEY].any() for b in batches)
+    assert PADDING_KEY not in next(iter(build_image_dataloader(batch_size=3, drop_last=True,
+                                                               local=str(tmp_path / 'solid'), resolution=8)))
+
+
+def test_empty_local_dataset_is_named(tmp_path):
+    with MDSWriter(out=str(tmp_path / 'empty'), columns={'image': 'bytes'}):
+        pass
+    with pytest.raises(EmptyDatasetError, match=f'{tmp_path / "empty"} holds no samples'):
+        StreamingImageDataset(local=str(tmp_path / 'empty'))
 
 
 def test_missing_local_dataset_names_path_and_command(tmp_path):

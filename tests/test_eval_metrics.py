@@ -45,20 +45,40 @@ def test_psnr_by_hand():
     assert metric.compute().item() == pytest.approx(sum(per_image) / 4, rel=1e-5)
 
 
-def test_ssim_matches_skimage():
-    x = _images(2, 32, seed=3)
-    y = (x + 0.2 * _images(2, 32, seed=4)).clamp(-1, 1)
-    metric = ReconstructionSSIM()
-    metric.update(y, x)
-    reference = np.mean([
-        structural_similarity(
-            quantize(x[i]).permute(1, 2, 0).numpy(), quantize(y[i]).permute(1, 2, 0).numpy(),
-            channel_axis=2, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+def _skimage_ssim(preds: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean per-image SSIM by scikit-image (Gaussian window, sigma 1.5, 8-bit range), torchmetrics' border rule.
+
+    torchmetrics reflect-pads each image by the window radius and averages the SSIM map over the whole
+    image; scikit-image averages only the interior. Padding the same way here and cropping scikit-image's
+    full map back to the image gives the same quantity, computed independently.
+    """
+    radius = 5  # scikit-image's Gaussian window for sigma 1.5 (truncate 3.5): 11 x 11
+    pad = ((radius, radius), (radius, radius), (0, 0))
+    values = []
+    for a, b in zip(to_uint8(preds), to_uint8(target)):
+        _, ssim_map = structural_similarity(
+            np.pad(a.permute(1, 2, 0).numpy(), pad, mode='reflect'),  # numpy's 'reflect' is PyTorch's
+            np.pad(b.permute(1, 2, 0).numpy(), pad, mode='reflect'),
+            channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True,
         )
-        for i in range(2)
-    ])
-    # torchmetrics and skimage treat the 5-pixel border differently; interiors agree.
-    assert metric.compute().item() == pytest.approx(reference, abs=0.03)
+        values.append(ssim_map[radius:-radius, radius:-radius].mean())
+    return float(np.mean(values))
+
+
+def test_ssim_matches_skimage():
+    # Smooth images with strong noise: SSIM about 0.56, where a wrong data range (2 instead of 1 moves
+    # it by ~0.02), window width (sigma 3) or window shape (uniform) shows; interior and border both count.
+    generator = torch.Generator().manual_seed(3)
+    smooth = torch.nn.functional.interpolate(torch.rand(3, 3, 12, 12, generator=generator), size=(48, 48),
+                                             mode='bicubic', align_corners=False)
+    x = (smooth * 2 - 1).clamp(-1, 1)
+    y = (x + 0.4 * torch.randn(3, 3, 48, 48, generator=generator)).clamp(-1, 1)
+    metric = ReconstructionSSIM()
+    metric.update(y[:2], x[:2])
+    metric.update(y[2:], x[2:])
+    reference = _skimage_ssim(y, x)
+    assert 0.4 < reference < 0.7
+    assert metric.compute().item() == pytest.approx(reference, abs=1e-5)  # float32 vs float64
 
 
 class PointwiseEncoder(nn.Module):

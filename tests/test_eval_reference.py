@@ -297,16 +297,16 @@ def test_eval_script_reference_protocol(class_folder, tmp_path, capsys):
     assert main(['--vae', 'x', '--data', 'y', '--out', str(out), '--save-images', str(images)]) == 2
 
 
-def test_eval_script_reference_missing_fid_weights(tmp_path, monkeypatch, capsys):
+def test_eval_script_reference_missing_fid_weights(tmp_path, monkeypatch):
     from scripts.eval import main
 
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     monkeypatch.delenv('EQVAE_ALLOW_DOWNLOAD', raising=False)
     argv = ['--vae', str(tmp_path / 'no-vae'), '--data', str(tmp_path / 'no-data'), '--out', str(tmp_path / 'r.json'),
             '--protocol', 'reference', '--metrics', 'rfid']
-    assert main(argv) == 1
-    error = capsys.readouterr().err
-    assert REFERENCE_INCEPTION_FILENAME in error and '--inception-weights' in error
+    with pytest.raises(MissingWeightsError) as info:  # run_cli prints it as one line (tests/test_cli_errors.py)
+        main(argv)
+    assert REFERENCE_INCEPTION_FILENAME in str(info.value) and '--inception-weights' in str(info.value)
 
 
 @pytest.mark.slow

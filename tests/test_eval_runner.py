@@ -100,7 +100,7 @@ def test_eval_script_end_to_end(assets, tmp_path, capsys):
     assert table.strip() == format_markdown(results, name='vae').strip()
 
 
-def test_missing_weights_fail_fast_with_file_name(tmp_path, monkeypatch, capsys):
+def test_missing_weights_fail_fast_with_file_name(tmp_path, monkeypatch):
     from scripts.eval import main
 
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
@@ -110,8 +110,9 @@ def test_missing_weights_fail_fast_with_file_name(tmp_path, monkeypatch, capsys)
     # The VAE and data do not exist: reaching them would raise, so the weights are checked first.
     argv = ['--vae', str(tmp_path / 'no-vae'), '--data', str(tmp_path / 'no-data'), '--out', str(tmp_path / 'r.json'),
             '--metrics', 'psnr,lpips']
-    assert main(argv) == 1
-    error = capsys.readouterr().err
+    with pytest.raises(MissingWeightsError) as info:  # run_cli prints it as one line (tests/test_cli_errors.py)
+        main(argv)
+    error = str(info.value)
     assert 'vgg16-397923af.pth' in error and str(tmp_path / 'torch') in error and '--lpips-weights' in error
     assert not (tmp_path / 'r.json').exists()
 

@@ -7,6 +7,7 @@ import torch
 
 from eqvae_composer import ComposerVQModel, VQGANLoss
 from eqvae_composer.algorithms.equivariance import Branch, apply_to_image, apply_to_latent
+from eqvae_composer.data.dataset import PADDING_KEY
 from eqvae_composer.evaluation import CodebookPerplexity, DeadCodeFraction
 from eqvae_composer.models import VQ_LOSS_KEYS
 from tests.conftest import tiny_vae, tiny_vq
@@ -167,3 +168,21 @@ def test_eval_metrics_of_the_vq_model():
     assert values['DeadCodeFraction'] == pytest.approx(1 - used / 32)
     assert 1 <= values['CodebookPerplexity'] <= used
     assert outputs['equivariance']['rotation'].shape == (3, 2)  # three rotations, two images
+
+
+def test_eval_metrics_count_streaming_padding_once():
+    # StreamingDataset pads a rank's last eval batch with repeats (PADDING_KEY): they must not count again.
+    model = ComposerVQModel(tiny_vq(), VQGANLoss(lpips_weight=0, disc_weight=0)).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    padded = {'image': x, PADDING_KEY: torch.tensor([False, False, True])}
+    alone = {'image': x[:2]}
+    with torch.no_grad():
+        outputs_padded, outputs_alone = model.eval_forward(padded), model.eval_forward(alone)
+    for name, metric in model.get_metrics(is_train=False).items():
+        expected = model.get_metrics(is_train=False)[name]
+        model.update_metric(padded, outputs_padded, metric)
+        model.update_metric(alone, outputs_alone, expected)
+        torch.testing.assert_close(metric.compute(), expected.compute(), msg=name)
+    nothing = model.get_metrics(is_train=False)['CodebookPerplexity']
+    model.update_metric({'image': x, PADDING_KEY: torch.ones(3, dtype=torch.bool)}, outputs_padded, nothing)
+    assert nothing.counts.sum() == 0

@@ -269,7 +269,10 @@ def _from_pretrained(source: str, **kwargs: Any) -> torch.nn.Module:
 
 
 def _load_pretrained(source: str, subfolder: str | None, revision: str | None) -> torch.nn.Module:
-    kwargs = {'subfolder': subfolder, 'revision': revision}
+    # low_cpu_mem_usage=False: diffusers' default (True) needs `accelerate` and, without it, warns on every
+    # load before falling back to this. A VAE is small (SD-VAE: 84M parameters); building it on the meta
+    # device would save one transient copy of its weights, not worth a dependency and a second loading path.
+    kwargs = {'subfolder': subfolder, 'revision': revision, 'low_cpu_mem_usage': False}
     if Path(source).is_dir():
         return _from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None})
     try:  # the hub cache first: no network round trip when the files are already here

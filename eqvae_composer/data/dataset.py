@@ -7,13 +7,16 @@ decodes one image and applies the reference transform.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.batching import generate_work
 
 from eqvae_composer.data.transforms import (
     RESIZE_FILTERS,
@@ -24,11 +27,26 @@ from eqvae_composer.data.transforms import (
     to_tensor,
 )
 
-__all__ = ['StreamingImageDataset', 'build_image_dataloader', 'check_local_dataset']
+__all__ = [
+    'PADDING_KEY',
+    'EmptyDatasetError',
+    'StreamingImageDataset',
+    'build_image_dataloader',
+    'check_local_dataset',
+    'padding_mask',
+]
+
+#: Key of the per-sample flag eval iteration adds: ``True`` for a repeat StreamingDataset inserted so that
+#: every rank (and worker) gets as many samples; metrics skip those so each sample counts once.
+PADDING_KEY = 'is_padding'
+
+
+class EmptyDatasetError(ValueError):
+    """A dataset folder's ``index.json`` lists no samples."""
 
 
 def check_local_dataset(local: str | None, split: str | None = None) -> None:
-    """Fail early, and helpfully, when a local-only dataset has not been converted yet.
+    """Fail early, and helpfully, when a local-only dataset has not been converted yet or holds no samples.
 
     Args:
         local: The dataset's local folder.
@@ -36,11 +54,17 @@ def check_local_dataset(local: str | None, split: str | None = None) -> None:
 
     Raises:
         FileNotFoundError: ``local`` (/``split``) has no ``index.json``.
+        EmptyDatasetError: its ``index.json`` lists no samples.
     """
     if local is None:
         return
     path = os.path.join(local, split) if split else local
-    if os.path.isfile(os.path.join(path, 'index.json')):
+    index = os.path.join(path, 'index.json')
+    if os.path.isfile(index):
+        with open(index) as f:
+            if not sum(shard['samples'] for shard in json.load(f)['shards']):
+                raise EmptyDatasetError(f'Dataset folder {path} holds no samples (its index.json lists none); '
+                                        'convert some images into it or point to another folder.')
         return
     what = 'does not exist' if not os.path.exists(path) else 'has no index.json, so it is not an MDS dataset'
     # The demo conversion writes <dir>/train and <dir>/val, so point at the parent of a split folder.
@@ -53,10 +77,37 @@ def check_local_dataset(local: str | None, split: str | None = None) -> None:
     )
 
 
-def _as_stream(stream: Stream | Mapping[str, Any]) -> Stream:
-    if isinstance(stream, Stream):
-        return stream
-    return Stream(**stream)
+StreamSpec = Stream | Mapping[str, Any]
+
+
+def _as_streams(streams: Iterable[StreamSpec] | Mapping[str, StreamSpec]) -> list[Stream]:
+    """``Stream`` objects from a list, or from a mapping of names to streams (llm-foundry's YAML layout)."""
+    items = streams.values() if isinstance(streams, Mapping) else streams
+    return [stream if isinstance(stream, Stream) else Stream(**stream) for stream in items]
+
+
+def padding_mask(partition: NDArray[np.int64], node: int, rank: int, worker: int) -> NDArray[np.bool_]:
+    """Which of one worker's samples repeat a sample that appears earlier in the epoch's partition.
+
+    ``StreamingDataset`` pads every rank's share to the same length with repeats of other samples
+    (so that all ranks run as many batches) and pads with ``-1`` to whole batches (never yielded).
+    Counting only each sample's first occurrence in the whole partition, which every rank computes
+    identically, counts each sample exactly once across ranks and workers.
+
+    Args:
+        partition: The epoch's sample ids, shape (nodes, ranks per node, workers per rank, batches, batch size),
+            ``-1`` for no sample.
+        node: This worker's node.
+        rank: Its rank within the node.
+        worker: Its index among the rank's workers.
+
+    Returns:
+        NDArray[np.bool_]: One flag per sample the worker yields (its ids other than ``-1``, in order).
+    """
+    first = np.zeros(partition.size, dtype=bool)
+    first[np.unique(partition.reshape(-1), return_index=True)[1]] = True
+    ids = partition[node, rank, worker].reshape(-1)
+    return ~first.reshape(partition.shape)[node, rank, worker].reshape(-1)[ids != -1]
 
 
 class StreamingImageDataset(StreamingDataset):
@@ -83,10 +134,13 @@ class StreamingImageDataset(StreamingDataset):
             ``'area_cv2'`` (OpenCV's ``INTER_AREA``, the reference's; with ``draft=False`` the
             reference's pixels exactly). The eval transform keeps its own. Default: ``'bicubic_aa'``.
         **streaming_kwargs: Passed to ``StreamingDataset`` (``remote``, ``local``, ``split``,
-            ``streams``, ``cache_limit``, ``batch_size``, ...). Items of ``streams`` may be dicts of
-            ``Stream`` arguments. Defaults set here: ``shuffle=train``.
+            ``streams``, ``cache_limit``, ``batch_size``, ...). ``streams`` may be a list or a mapping of
+            names to streams (as llm-foundry's YAMLs write them), each a ``Stream`` or a dict of its
+            arguments. Defaults set here: ``shuffle=train``.
 
-    Returns samples ``{output_key: FloatTensor[3, resolution, resolution]}`` with values in [-1, 1].
+    Returns samples ``{output_key: FloatTensor[3, resolution, resolution]}`` with values in [-1, 1]. Iterated
+    for evaluation (``train=False``), samples also hold ``PADDING_KEY``: ``True`` for a repeat that
+    StreamingDataset added to even out the ranks' shares, which metrics must skip (see ``padding_mask``).
     """
 
     def __init__(
@@ -109,7 +163,7 @@ class StreamingImageDataset(StreamingDataset):
                              'train_loader.dataset only).')
         streams = streaming_kwargs.get('streams')
         if streams:
-            streaming_kwargs['streams'] = [_as_stream(s) for s in streams]
+            streaming_kwargs['streams'] = _as_streams(streams)
             for stream in streaming_kwargs['streams']:
                 if stream.remote is None:
                     check_local_dataset(stream.local, stream.split)
@@ -129,6 +183,23 @@ class StreamingImageDataset(StreamingDataset):
         # worker agrees); random access outside an epoch counts as epoch 0.
         epoch = max(self.next_epoch - 1, 0)
         return np.random.default_rng((self.shuffle_seed, epoch, index))
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> NDArray[np.int64]:
+        # StreamingDataset hands each worker only its own slice of the epoch's partition; the padding
+        # flags need the whole of it. Rebuilding it is deterministic and, for an eval set, cheap.
+        sample_ids = super()._get_work(epoch, sample_in_epoch)
+        if not self.train:
+            world = self._parallel_worker_world
+            partition = generate_work(self.batching_method, self, world, epoch, sample_in_epoch)
+            self._padding = padding_mask(partition, world.node, world.rank_of_node, world.worker_of_rank)
+        return sample_ids
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """This rank's and worker's samples; for evaluation, with the ``PADDING_KEY`` flag."""
+        for position, sample in enumerate(super().__iter__()):
+            if not self.train:  # super() computed self._padding (_get_work) before its first sample
+                sample[PADDING_KEY] = bool(self._padding[position])
+            yield sample
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """Decode sample ``index`` and transform it.

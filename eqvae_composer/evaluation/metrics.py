@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
 
@@ -46,16 +46,6 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
 
 
-class ReconstructionPSNR(PeakSignalNoiseRatio):
-    """PSNR per image on uint8-quantized images, averaged over images. ``update(recon, target)`` in [-1, 1]."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(data_range=1.0, reduction='elementwise_mean', dim=(1, 2, 3), **kwargs)
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
-        super().update(quantize(preds), quantize(target))
-
-
 class ReconstructionSSIM(StructuralSimilarityIndexMeasure):
     """SSIM (torchmetrics' defaults) on uint8-quantized [0, 1] images, averaged over images."""
 
@@ -84,6 +74,21 @@ class MeanPerImage(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp_min(1)).float()
+
+
+class ReconstructionPSNR(MeanPerImage):
+    """PSNR per image on uint8-quantized images, averaged over images. ``update(recon, target)`` in [-1, 1].
+
+    The per-image values are summed into two numbers rather than kept as torchmetrics'
+    ``PeakSignalNoiseRatio(dim=...)`` keeps them, in lists: a process whose share of an eval set is
+    empty (fewer images than processes) cannot take part in gathering those lists.
+    """
+
+    higher_is_better = True
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
+        mse = (quantize(preds).double() - quantize(target).double()).pow(2).flatten(1).mean(1)
+        super().update(-10 * torch.log10(mse))
 
 
 class LatentEquivarianceError(MeanPerImage):

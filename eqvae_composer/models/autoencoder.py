@@ -19,7 +19,7 @@ from eqvae_composer.evaluation.metrics import (
     eval_transforms,
 )
 from eqvae_composer.introspection import vae_downsample_factor
-from eqvae_composer.models.gan_model import GANAutoencoderModel, recorded_calls
+from eqvae_composer.models.gan_model import GANAutoencoderModel, counted_samples, recorded_calls
 from eqvae_composer.models.loss import VAEGANLoss
 from eqvae_composer.models.lpips import lpips_distance
 
@@ -185,9 +185,12 @@ class ComposerAutoencoderKL(GANAutoencoderModel):
         return {name: factories[name]() for name in self.eval_metric_names}
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        target, reconstruction = batch[self.image_key], outputs['reconstruction']
+        keep = counted_samples(batch)
+        if keep is None:
+            return
+        target, reconstruction = batch[self.image_key][keep], outputs['reconstruction'][keep]
         if isinstance(metric, LatentEquivarianceError):
-            metric.update(outputs['equivariance'][metric.kind])
+            metric.update(outputs['equivariance'][metric.kind][:, keep])
         elif isinstance(metric, LPIPSMetric):
             with torch.no_grad():
                 metric.update(lpips_distance(self._lpips_metric_net, target, reconstruction))

@@ -8,16 +8,30 @@ and its input (the adaptive weight), and builds the two optimizer parameter grou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from composer.models import ComposerModel
 from torch import nn
 
+from eqvae_composer.data.dataset import PADDING_KEY
 from eqvae_composer.models.loss import GAN_PHASES, ReconstructionGANLoss
 
-__all__ = ['GANAutoencoderModel', 'recorded_calls']
+__all__ = ['GANAutoencoderModel', 'counted_samples', 'recorded_calls']
+
+
+def counted_samples(batch: Any) -> slice | torch.Tensor | None:
+    """The samples of an eval batch that its metrics count: all (``slice(None)``), a mask, or ``None`` for none.
+
+    StreamingDataset repeats samples to give every rank as many (``PADDING_KEY`` marks the repeats):
+    each sample counts once.
+    """
+    padding = batch.get(PADDING_KEY) if isinstance(batch, Mapping) else None
+    if padding is None:
+        return slice(None)
+    keep = ~padding
+    return keep if keep.any() else None
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import lpips
 import torch
@@ -17,10 +18,20 @@ import torchvision
 
 from eqvae_composer.weights import resolve_weights
 
-__all__ = ['VGG16_FILENAME', 'VGG16_URL', 'dropout_active', 'load_lpips', 'lpips_distance']
+__all__ = ['VGG16_FILENAME', 'VGG16_URL', 'dropout_active', 'load_lpips', 'lpips_distance', 'resolve_lpips_weights']
 
 VGG16_FILENAME = 'vgg16-397923af.pth'
 VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
+
+
+def resolve_lpips_weights(vgg_weights: str | os.PathLike | None = None, allow_download: bool | None = None) -> Path:
+    """The path of torchvision's VGG16 weights for LPIPS, or a ``MissingWeightsError`` naming the file.
+
+    Args:
+        vgg_weights (str | PathLike, optional): the file, or a folder holding it. Default: the torch hub cache.
+        allow_download (bool, optional): see ``eqvae_composer.weights.resolve_weights``.
+    """
+    return resolve_weights(VGG16_FILENAME, VGG16_URL, 'LPIPS (VGG16 backbone)', vgg_weights, allow_download)
 
 
 def load_lpips(vgg_weights: str | os.PathLike | None = None, allow_download: bool | None = None) -> lpips.LPIPS:
@@ -31,8 +42,7 @@ def load_lpips(vgg_weights: str | os.PathLike | None = None, allow_download: boo
             holding it). Default: looked up in the torch hub cache.
         allow_download (bool, optional): see ``eqvae_composer.weights.resolve_weights``.
     """
-    weights = resolve_weights(VGG16_FILENAME, VGG16_URL, 'LPIPS (VGG16 backbone)', vgg_weights, allow_download)
-    state = torch.load(weights, map_location='cpu', weights_only=True)
+    state = torch.load(resolve_lpips_weights(vgg_weights, allow_download), map_location='cpu', weights_only=True)
     # Only the convolutional trunk is used; the classifier's keys may be absent (or present).
     features = torchvision.models.vgg16().features
     features.load_state_dict({k.removeprefix('features.'): v for k, v in state.items() if k.startswith('features.')})

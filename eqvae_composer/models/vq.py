@@ -25,7 +25,7 @@ from eqvae_composer.evaluation.metrics import (
     eval_transforms,
 )
 from eqvae_composer.introspection import adapter_for, adapter_of_kind
-from eqvae_composer.models.gan_model import GANAutoencoderModel, recorded_calls
+from eqvae_composer.models.gan_model import GANAutoencoderModel, counted_samples, recorded_calls
 from eqvae_composer.models.lpips import lpips_distance
 from eqvae_composer.models.vq_loss import VQGANLoss
 
@@ -73,7 +73,7 @@ class VQModelForward(nn.Module):
         Returns:
             dict: ``latents`` (z_e) when encoding, and with ``decode``: ``reconstruction``,
             ``codebook_loss`` (the quantizer's codebook + commitment loss), ``codes`` (the code
-            indices, flat) and ``last_layer_input``.
+            indices, ``(B, cells)``) and ``last_layer_input``.
         """
         outputs: dict[str, Any] = {}
         if latents is None:
@@ -85,8 +85,8 @@ class VQModelForward(nn.Module):
             with recorded_calls(self.vae.quantize) as quantized, recorded_calls(self.vae.decoder.conv_out) as last:
                 decoded = self.vae.decode(latents)
             _, _, (_, _, codes) = quantized[0][1]
-            outputs.update(reconstruction=decoded.sample, codebook_loss=decoded.commit_loss, codes=codes.flatten(),
-                           last_layer_input=last[0][0][0])
+            outputs.update(reconstruction=decoded.sample, codebook_loss=decoded.commit_loss,
+                           codes=codes.reshape(len(latents), -1), last_layer_input=last[0][0][0])
         return outputs
 
 
@@ -175,11 +175,14 @@ class ComposerVQModel(GANAutoencoderModel):
         return {name: factories[name]() for name in self.eval_metric_names}
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        target, reconstruction = batch[self.image_key], outputs['reconstruction']
+        keep = counted_samples(batch)
+        if keep is None:
+            return
+        target, reconstruction = batch[self.image_key][keep], outputs['reconstruction'][keep]
         if isinstance(metric, LatentEquivarianceError):
-            metric.update(outputs['equivariance'][metric.kind])
+            metric.update(outputs['equivariance'][metric.kind][:, keep])
         elif isinstance(metric, CodebookUsage):
-            metric.update(outputs['codes'])
+            metric.update(outputs['codes'][keep])
         elif isinstance(metric, LPIPSMetric):
             with torch.no_grad():
                 metric.update(lpips_distance(self._lpips_metric_net, target, reconstruction))
