@@ -22,6 +22,7 @@ install_requires = [
     'scipy>=1.10',
     'tqdm',
     'matplotlib>=3.8',
+    'packaging>=22',  # eqvae_composer.compat compares the installed versions with the supported ranges
 ]
 
 extras_require = {

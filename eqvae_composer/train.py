@@ -38,9 +38,18 @@ from eqvae_composer.checkpoints import (
     load_autoencoder,
     trained_autoencoder,
 )
+from eqvae_composer.compat import forget_loaded_rng_state, loaded_rng_state
 from eqvae_composer.data.dataset import EmptyDatasetError, build_image_dataloader, check_local_dataset
-from eqvae_composer.introspection import vae_downsample_factor
-from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL, VAEGANLoss, load_lpips
+from eqvae_composer.introspection import adapter_for, adapter_of_kind, vae_downsample_factor
+from eqvae_composer.models import (
+    AlternatingAdam,
+    ComposerAutoencoderKL,
+    ComposerVQModel,
+    GANAutoencoderModel,
+    VAEGANLoss,
+    VQGANLoss,
+    load_lpips,
+)
 from eqvae_composer.models.lpips import resolve_lpips_weights
 from eqvae_composer.registry import CALLBACKS, LOGGERS
 
@@ -71,6 +80,13 @@ LOAD_SCHEMES = (*SAVE_SCHEMES, 'http', 'https')
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key."""
+
+
+class AutoencoderKind(str, enum.Enum):
+    """``model.kind``: a KL autoencoder (``AutoencoderKL``, LDM's loss) or a VQGAN (``VQModel``, taming's loss)."""
+
+    kl = 'kl'
+    vq = 'vq'
 
 
 class GANUpdates(str, enum.Enum):
@@ -106,18 +122,27 @@ class LossConfig:
     disc_num_layers: int = 3
     lpips_dropout: bool = False  # the reference trains with LPIPS's dropout active
     always_train_discriminator: bool = False  # the reference trains D even at disc_weight 0
+    codebook_weight: float = 1.0  # model.kind vq only: taming's codebook + commitment weight
 
 
 @dataclass
 class ModelConfig:
+    kind: AutoencoderKind = AutoencoderKind.kl
     vae: VAEConfig = field(default_factory=VAEConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     image_key: str = 'image'
     eval_sample_posterior: bool = True
-    eval_metrics: list[str] = field(
-        default_factory=lambda: ['PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS'],
-    )
+    eval_metrics: list[str] | None = None  # None: the model's defaults
     gradient_checkpointing: bool = False
+
+
+# Settings that exist for one kind of autoencoder only: set away from their default for the other kind,
+# they would be ignored, so they are an error instead.
+_KIND_ONLY = {
+    AutoencoderKind.kl: ('loss.kl_weight', 'loss.logvar_init', 'loss.learn_logvar', 'eval_sample_posterior',
+                         'gradient_checkpointing'),  # diffusers' VQModel has no gradient checkpointing
+    AutoencoderKind.vq: ('loss.codebook_weight',),
+}
 
 
 @dataclass
@@ -235,27 +260,51 @@ def _config_key(prefix: str, kwargs: dict[str, Any] | None, error: Exception) ->
     return f'{prefix}.{max(named, key=len)}' if named else prefix
 
 
-def build_model(cfg: ModelConfig) -> ComposerAutoencoderKL:
+def _check_kind_settings(cfg: ModelConfig) -> None:
+    defaults = ModelConfig()
+    for kind, keys in _KIND_ONLY.items():
+        for key in keys if kind != cfg.kind else ():
+            section, _, name = key.rpartition('.')
+            value, default = (getattr(getattr(c, section) if section else c, name) for c in (cfg, defaults))
+            if value != default:
+                raise ConfigError(f'model.{key} applies to model.kind {kind.value} only, and model.kind is '
+                                  f'{AutoencoderKind(cfg.kind).value}: remove it.')
+
+
+def build_model(cfg: ModelConfig) -> GANAutoencoderModel:
     """The ComposerModel described by ``cfg``, with LPIPS loaded (or a clear error) before any training."""
-    source = cfg.vae.pretrained if cfg.vae.pretrained is not None else cfg.vae.config
+    _check_kind_settings(cfg)
+    kind = AutoencoderKind(cfg.kind)
+    architecture = cfg.vae.config
+    if architecture is not None:  # a config dict builds (or shapes) the class of model.kind
+        architecture = {'_class_name': adapter_of_kind(kind.value).autoencoder_class.__name__, **architecture}
+    source = cfg.vae.pretrained if cfg.vae.pretrained is not None else architecture
     if source is None:
         raise ConfigError('model.vae needs either `pretrained` (path, file or hub id) or `config` (a dict).')
     vae = load_autoencoder(source, subfolder=cfg.vae.subfolder, revision=cfg.vae.revision,
-                           config=cfg.vae.config if cfg.vae.pretrained else None)
-    loss_kwargs = {k: v for k, v in vars(cfg.loss).items() if k != 'lpips_vgg_weights'}
+                           config=architecture if cfg.vae.pretrained else None)
+    if adapter_for(vae).kind != kind.value:
+        raise ConfigError(f'model.vae holds a {type(vae).__name__} (kind {adapter_for(vae).kind}) but model.kind is '
+                          f'{kind.value}: set model.kind: {adapter_for(vae).kind}.')
+    other_kinds_keys = {key for other, keys in _KIND_ONLY.items() if other != kind for key in keys}
+    loss_kwargs = {k: v for k, v in vars(cfg.loss).items()
+                   if k != 'lpips_vgg_weights' and f'loss.{k}' not in other_kinds_keys}
     lpips = load_lpips(cfg.loss.lpips_vgg_weights) if _needs_lpips(cfg) else None
+    metrics = {} if cfg.eval_metrics is None else {'eval_metrics': cfg.eval_metrics}
+    if kind == AutoencoderKind.vq:
+        return ComposerVQModel(vae, VQGANLoss(lpips=lpips, **loss_kwargs), image_key=cfg.image_key, **metrics)
     return ComposerAutoencoderKL(
         vae,
         VAEGANLoss(lpips=lpips, **loss_kwargs),
         image_key=cfg.image_key,
         eval_sample_posterior=cfg.eval_sample_posterior,
-        eval_metrics=cfg.eval_metrics,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        **metrics,
     )
 
 
 def _needs_lpips(cfg: ModelConfig) -> bool:
-    return cfg.loss.lpips_weight > 0 or 'LPIPS' in cfg.eval_metrics
+    return cfg.loss.lpips_weight > 0 or 'LPIPS' in (cfg.eval_metrics or ())
 
 
 def _check_weight_files(cfg: ModelConfig) -> None:
@@ -267,7 +316,7 @@ def _check_weight_files(cfg: ModelConfig) -> None:
         resolve_lpips_weights(cfg.loss.lpips_vgg_weights)
 
 
-def build_optimizer(model: ComposerAutoencoderKL, cfg: OptimizerConfig) -> torch.optim.Adam:
+def build_optimizer(model: GANAutoencoderModel, cfg: OptimizerConfig) -> torch.optim.Adam:
     """One Adam over ``model.param_groups()``: the reference's two optimizers as two parameter groups.
 
     With ``gan_updates: alternating``, an ``AlternatingAdam``: two passes and two steps per batch.
@@ -349,7 +398,7 @@ def _check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f'load_path {cfg.load_path!r} does not exist.')
 
 
-def _check_target_sizes(cfg: TrainConfig, model: ComposerAutoencoderKL, algorithms: list) -> None:
+def _check_target_sizes(cfg: TrainConfig, model: GANAutoencoderModel, algorithms: list) -> None:
     """The configured resolution and scales give targets the loss accepts: a config error, not a crash in step 1."""
     resolution = cfg.train_loader.dataset.get('resolution', 256)
     for algorithm in algorithms:
@@ -402,6 +451,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         raise ConfigError('eval_loader.drop_last: evaluation must see every sample; remove the setting.')
     _check_paths(cfg)
     _check_weight_files(cfg.model)
+    _check_kind_settings(cfg.model)
     algorithms = _instantiate(ALGORITHMS, 'algorithms', cfg.algorithms)
     callbacks = _instantiate(CALLBACKS, 'callbacks', cfg.callbacks)
     if cfg.nan_guard is not None:
@@ -470,11 +520,11 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
 
 def _restore_rng_mid_epoch(trainer: Trainer) -> None:
     """Hand the loaded checkpoint's RNG to ``RestoreRNGMidEpoch`` when Composer would drop it (see there)."""
-    rng_state = getattr(trainer, '_rng_state', None)  # what Trainer.__init__ loaded; composer 0.32 internals
+    rng_state = loaded_rng_state(trainer)
     timestamp, resumption = trainer.state.timestamp, trainer.state.dataset_resumption
     if rng_state is not None and int(timestamp.batch_in_epoch) > 0 and 'train' in resumption:
         trainer.state.callbacks.insert(0, RestoreRNGMidEpoch(rng_state))
-        trainer._rng_state = None
+        forget_loaded_rng_state(trainer)
 
 
 def _loader_kwargs(loader: LoaderConfig, train: bool, seed: int) -> dict[str, Any]:

@@ -22,11 +22,10 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_train import _sync, sd_vae_config  # noqa: E402
 
 from eqvae_composer.algorithms.equivariance.transforms import GRID_SCALES, scaled_size  # noqa: E402
+from eqvae_composer.benchmarks.train_step import sync  # noqa: E402
+from eqvae_composer.benchmarks.workload import sd_vae_config  # noqa: E402
 
 
 def main() -> None:
@@ -53,11 +52,11 @@ def main() -> None:
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution, device=args.device) * 2 - 1
 
     def step(vae: AutoencoderKL) -> float:
-        _sync(args.device)
+        sync(args.device)
         start = time.perf_counter()
         z = vae.encode(x).latent_dist.sample()
         (vae.decode(z).sample - x).abs().mean().backward()
-        _sync(args.device)
+        sync(args.device)
         return time.perf_counter() - start
 
     step(eager)
@@ -83,7 +82,7 @@ def main() -> None:
         start = time.perf_counter()
         try:
             compiled.decode(z).sample.mean().backward()
-            _sync(args.device)
+            sync(args.device)
             print(json.dumps({'latent_size': size, 'first_decode_s': round(time.perf_counter() - start, 2)}),
                   flush=True)
         except Exception as exc:  # report what the compiler did, whatever it raised

@@ -96,12 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_gpu = args.device == 'gpu' or (args.device is None and torch.cuda.is_available())
     device = DeviceGPU() if use_gpu else DeviceCPU()
     dist.initialize_dist(device)
+    # DeviceGPU made this rank's GPU (its local rank) the current one.
+    torch_device = torch.device('cuda', torch.cuda.current_device()) if use_gpu else torch.device('cpu')
     vae = load_autoencoder(args.vae, subfolder=args.subfolder)
     dataset = build_eval_dataset(args.data, args.resolution, protocol=args.protocol)
     protocol = EvalProtocol(args.resolution, sample_posterior=args.sample, seed=args.seed, name=args.protocol)
     results = evaluate(
         vae, dataset, metrics, protocol, num_images=args.num_images, batch_size=args.batch_size,
-        inception=inception, lpips_net=lpips_net, device=device._device, num_workers=args.num_workers,
+        inception=inception, lpips_net=lpips_net, device=torch_device, num_workers=args.num_workers,
         progress=not args.no_progress, image_dir=args.save_images,
     )
     if dist.get_global_rank() == 0:

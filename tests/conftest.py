@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 
 
 def tiny_vae_config(blocks: int = 4, width: int = 8, latent_channels: int = 4) -> dict:
@@ -32,3 +32,30 @@ def vae() -> AutoencoderKL:
     return tiny_vae()
 
 
+
+
+#: The config fields that make a KL autoencoder SD-, SDXL-, SD3- or FLUX-shaped (their hub configs' values),
+#: on top of ``tiny_vae_config``: latent channels, the latent normalisation, the quant convs, fp32 decoding.
+KL_SHAPES: dict[str, dict] = {
+    'sd': {'scaling_factor': 0.18215},
+    'sdxl': {'scaling_factor': 0.13025, 'force_upcast': True},
+    'sd3': {'latent_channels': 16, 'scaling_factor': 1.5305, 'shift_factor': 0.0609, 'use_quant_conv': False,
+            'use_post_quant_conv': False},
+    'flux': {'latent_channels': 16, 'scaling_factor': 0.3611, 'shift_factor': 0.1159, 'use_quant_conv': False,
+             'use_post_quant_conv': False},
+}
+
+
+def tiny_kl_config(shape: str) -> dict:
+    """``tiny_vae_config`` (f8) with the fields of ``KL_SHAPES[shape]``."""
+    return {**tiny_vae_config(), **KL_SHAPES[shape]}
+
+
+def tiny_vq_config(blocks: int = 4, width: int = 8, num_codes: int = 32) -> dict:
+    """A VQGAN-shaped diffusers ``VQModel`` in ``tiny_vae_config``'s layout: f = 2 ** (blocks - 1)."""
+    return {**tiny_vae_config(blocks, width), 'num_vq_embeddings': num_codes}
+
+
+def tiny_vq(seed: int = 0, **kwargs) -> VQModel:
+    torch.manual_seed(seed)
+    return VQModel.from_config(tiny_vq_config(**kwargs))

@@ -55,14 +55,20 @@ def _run_microbatch(algo, state, logger):
     return seen
 
 
+def _attached(model, images, **kwargs):
+    """``(algorithm, state, logger)``: ``EquivarianceAlgorithm(**kwargs)`` after INIT on a State holding ``images``."""
+    state = _state(model, {'image': images})
+    logger = Logger(state)
+    algo = EquivarianceAlgorithm(**kwargs)
+    algo.apply(Event.INIT, state, logger)
+    return algo, state, logger
+
+
 def test_equivariance_branch_decodes_once_on_tau_z_and_compares_with_tau_x():
     # 64 px at scale 0.25 is 16 px: a 2-layer PatchGAN (12 px at least) sees every draw.
     model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2))
     x = torch.rand(2, 3, 64, 64) * 2 - 1
-    state = _state(model, {'image': x})
-    logger = Logger(state)
-    algo = EquivarianceAlgorithm(p_equivariance=1.0)
-    algo.apply(Event.INIT, state, logger)
+    algo, state, logger = _attached(model, x, p_equivariance=1.0)
 
     decoder_inputs = []
     model.vae.decoder.register_forward_pre_hook(lambda m, a: decoder_inputs.append(a[0].shape))
@@ -138,7 +144,7 @@ def test_model_without_autoencoder_is_rejected():
         def loss(self, outputs, batch):
             return torch.zeros(())
 
-    with pytest.raises(ValueError, match='exactly one diffusers AutoencoderKL'):
+    with pytest.raises(ValueError, match=r'exactly one diffusers autoencoder \(AutoencoderKL \(kl\), VQModel'):
         state = _state(NoVAE(), {})
         EquivarianceAlgorithm().apply(Event.INIT, state, Logger(state))
 

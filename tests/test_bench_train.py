@@ -1,6 +1,5 @@
 """The training benchmark compares like with like: its reference-style loop computes our losses and gradients."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,21 +9,12 @@ import pytest
 import torch
 
 from eqvae_composer.algorithms.equivariance.transforms import Branch, SpatialTransform
+from eqvae_composer.benchmarks import flops
+from eqvae_composer.benchmarks import train_step as bench
 from tests.test_loss import TinyPerceptual
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'bench_train.py')
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location('bench_train', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules['bench_train'] = module  # dataclasses look their module up while the script executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 
 def _record_steps(optimizer, into: dict, model) -> None:
@@ -125,15 +115,36 @@ def test_draws_follow_the_algorithm_mix():
 
 
 def test_memory_measurement_counts_the_contender():
-    # In a fresh process, as the benchmark measures: in this one, heap memory that earlier tests freed can
-    # hold the whole contender, and the RSS would not move (seen with torch 2.11 after tests/test_train.py).
-    cmd = [sys.executable, SCRIPT, '--memory-child', 'plain', '--resolutions', '32', '--width', '8',
-           '--layers-per-block', '1', '--disc-filters', '8', '--disc-layers', '1', '--no-lpips']
-    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(128 * 1024)}  # as _memory_in_subprocess runs it
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result['peak_mib'] > 0 and result['steps'] == bench.memory_steps()
+    # As the script measures it: a fresh process with a fixed mmap threshold. In this process, heap
+    # space freed by earlier tests would be reused without raising the resident size.
+    code = (
+        'import json; from eqvae_composer.benchmarks import train_step as bench; '
+        'bench.memory_steps = lambda max_steps=8: 1; '
+        'cfg = bench.BenchConfig(width=8, layers_per_block=1, disc_filters=8, disc_layers=1, resolution=32); '
+        "print(json.dumps(bench.measure_memory('plain', cfg, None)))"
+    )
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(128 * 1024), 'PYTHONPATH': ROOT}
+    out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, text=True, env=env).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result['peak_mib'] > 0 and result['steps'] == 1
+
+
+def test_flop_counter_uses_the_matmul_formula():
+    a, b = torch.randn(4, 8), torch.randn(8, 16)
+    with flops.FlopCounter() as counter:
+        a @ b
+    assert counter.total == 2 * 4 * 8 * 16  # a multiply and an add per term
+
+
+@pytest.mark.slow
+def test_flop_count_of_a_small_step(monkeypatch):
+    monkeypatch.setattr(flops, 'GRID_SCALES', (0.5, 0.75))  # two scales instead of 24: the same code, faster
+    result = flops.count_step_flops(width=8, resolution=64)
+    # The reference runs a second full forward for its discriminator step; low-res and smaller
+    # equivariance targets make the branch mix cheaper than full resolution.
+    assert 0 < result['vae_fwd_bwd'] < result['ours_full_res'] < result['reference_full_res']
+    assert result['ours_branch_mix'] < result['ours_full_res']
+    assert result['reference_branch_mix'] < result['reference_full_res']
 
 
 @pytest.mark.slow
@@ -143,6 +154,7 @@ def test_smoke_run_compares_all_contenders(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'ours/reference' in proc.stdout and 'RANDOM VGG16' in proc.stdout
+    import json
 
     result = json.loads(out.read_text())['resolutions']['64']
     assert set(result['median_images_per_second']) == set(bench.DEFAULT_CONTENDERS)

@@ -179,6 +179,25 @@ def test_multi_rank_aggregation_equals_single_rank(name):
     torch.testing.assert_close(sharded.double(), single.double(), rtol=1e-5, atol=1e-6)
 
 
+def test_mean_per_image_reports_nan_not_zero_when_it_saw_nothing_or_a_nan():
+    # A metric that saw no image (or a diverged reconstruction) must not read as a perfect score.
+    with pytest.warns(UserWarning, match='before the ``update``'):
+        assert math.isnan(MeanPerImage().compute().item())
+    metric = MeanPerImage()
+    metric.update(torch.tensor([0.5, float('nan'), 0.25]))
+    assert math.isnan(metric.compute().item())
+
+
+def test_mean_per_image_sums_in_float64():
+    # 1e8 + 1 is 1e8 in float32: a float32 running sum would lose the 1 and report 0.
+    metric = MeanPerImage()
+    for value in (1e8, 1.0, -1e8):
+        metric.update(torch.tensor([value]))
+    assert metric.compute().item() == pytest.approx(1 / 3, rel=1e-6)
+    assert metric.compute().dtype == torch.float32
+    assert int(metric.count) == 3
+
+
 def test_twonn_plane_in_10d():
     generator = torch.Generator().manual_seed(0)
     plane = torch.rand(2000, 2, generator=generator, dtype=torch.float64)

@@ -49,19 +49,25 @@ def _reference_two_pass(model, x, seed):
     g_grads = torch.autograd.grad(g, last, retain_graph=True)[0]
     d_weight = torch.clamp(nll_grads.norm() / (g_grads.norm() + 1e-4), 0.0, 1e4).detach() * loss.disc_weight
     ae_loss = nll + loss.kl_weight * kl + d_weight * loss.disc_factor * g
+    # optimizer_idx == 1: discriminator step, a second full forward
+    grads, d_loss = reference_updates(model, ae_loss, x, lambda: forward()[1])
+    return grads, (ae_loss.item(), d_loss.item()), d_weight.item()
+
+
+def reference_updates(model, ae_loss, x, reconstruct):
+    """The gradients of the reference's two optimizers: ``ae_loss`` for the autoencoder, then the hinge loss
+    on a second forward (``reconstruct()``) for the discriminator. Returns ``(grads by name, hinge loss)``."""
+    disc = model.loss_fn.discriminator
     model.zero_grad()
     ae_loss.backward()
     disc_ids = {id(p) for p in disc.parameters()}
     ae_grads = {n: p.grad.clone() for n, p in model.named_parameters() if id(p) not in disc_ids}
-
-    # optimizer_idx == 1: discriminator step, a second full forward
-    _, x_hat = forward()
-    logits_real, logits_fake = disc(x.detach()), disc(x_hat.detach())
-    d_loss = loss.disc_factor * 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+    logits_real, logits_fake = disc(x.detach()), disc(reconstruct().detach())
+    d_loss = model.loss_fn.disc_factor * 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
     model.zero_grad()
     d_loss.backward()
     d_grads = {n: p.grad.clone() for n, p in model.named_parameters() if id(p) in disc_ids}
-    return {**ae_grads, **d_grads}, (ae_loss.item(), d_loss.item()), d_weight.item()
+    return {**ae_grads, **d_grads}, d_loss
 
 
 def _ours(model, x, seed):

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 from composer.distributed.dist_strategy import DDPSyncStrategy
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from omegaconf import OmegaConf
 from PIL import Image
 from streaming import MDSWriter
 from streaming.base.util import clean_stale_shared_memory
 
 from eqvae_composer import train as train_module
-from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL
+from eqvae_composer.algorithms.equivariance import check_target_size
+from eqvae_composer.introspection import autoencoder_class, vae_downsample_factor
+from eqvae_composer.models import AlternatingAdam, ComposerAutoencoderKL, PatchGANDiscriminator
 from eqvae_composer.train import ConfigError, OptimizerConfig, build_optimizer, load_config, train
 from tests.conftest import tiny_vae, tiny_vae_config
 
@@ -62,7 +64,23 @@ def run_config(tmp_path, train_dir, val_dir, **overrides):
     return OmegaConf.merge(cfg, OmegaConf.create(overrides))
 
 
-@pytest.mark.parametrize('name', ['demo.yaml', 'eqvae.yaml', 'eqvae-fsdp.yaml', 'eqvae-reference.yaml'])
+#: The recipe yamls and the autoencoder each starts from: (model.kind, hub id, subfolder).
+RECIPE_AUTOENCODERS = {
+    'eqvae.yaml': ('kl', 'CompVis/stable-diffusion-v1-4', 'vae'),
+    'eqvae-fsdp.yaml': ('kl', 'CompVis/stable-diffusion-v1-4', 'vae'),
+    'eqvae-reference.yaml': ('kl', 'CompVis/stable-diffusion-v1-4', 'vae'),
+    'eqvae-sdxl.yaml': ('kl', 'stabilityai/sdxl-vae', None),
+    'eqvae-sd3.yaml': ('kl', 'stabilityai/stable-diffusion-3-medium-diffusers', 'vae'),
+    'eqvae-flux.yaml': ('kl', 'black-forest-labs/FLUX.1-dev', 'vae'),
+    'eqvqgan.yaml': ('vq', None, None),  # built from its config, or fine-tuned from model.vae.pretrained=<folder>
+}
+
+
+def test_every_shipped_yaml_is_checked():
+    assert sorted(path.name for path in (REPO / 'yamls').glob('*.yaml')) == sorted(['demo.yaml', *RECIPE_AUTOENCODERS])
+
+
+@pytest.mark.parametrize('name', ['demo.yaml', *RECIPE_AUTOENCODERS])
 def test_shipped_yamls_are_valid(name):
     cfg = load_config(REPO / 'yamls' / name)
     assert 'equivariance' in cfg.algorithms
@@ -70,7 +88,31 @@ def test_shipped_yamls_are_valid(name):
         assert cfg.global_train_batch_size == 160 and cfg.device_train_microbatch_size == 10
         assert cfg.optimizer.lr == pytest.approx(7.2e-4) and cfg.optimizer.betas == [0.5, 0.9]
         assert cfg.max_duration == '5ep' and cfg.precision == 'amp_bf16' and cfg.autoresume
-        assert cfg.model.vae.pretrained == 'CompVis/stable-diffusion-v1-4' and cfg.model.vae.subfolder == 'vae'
+        vae = cfg.model.vae
+        assert (cfg.model.kind, vae.pretrained, vae.subfolder) == RECIPE_AUTOENCODERS[name]
+
+
+@pytest.mark.parametrize('name', ['eqvae-sdxl.yaml', 'eqvae-sd3.yaml', 'eqvae-flux.yaml'])
+def test_kl_vae_yamls_are_the_recipe_on_another_vae(name):
+    _, hub_id, subfolder = RECIPE_AUTOENCODERS[name]
+    run = name.removesuffix('.yaml')
+    recipe_on_it = load_config(REPO / 'yamls' / 'eqvae.yaml', [
+        f'run_name={run}', f'variables.run_dir=runs/{run}', f'model.vae.pretrained={hub_id}',
+        f'model.vae.subfolder={subfolder or "null"}',
+    ])
+    assert load_config(REPO / 'yamls' / name) == recipe_on_it
+
+
+def test_vqgan_yaml_builds_taming_f16_vqgan_and_its_targets_fit_the_discriminator():
+    cfg = load_config(REPO / 'yamls' / 'eqvqgan.yaml')
+    config = {'_class_name': 'VQModel', **cfg.model.vae.config}
+    with torch.device('meta'):  # the architecture only: no memory, no initialisation
+        vae = autoencoder_class(config).from_config(config)
+    assert type(vae) is VQModel and vae_downsample_factor(vae) == 16
+    assert (vae.config.num_vq_embeddings, vae.quantize.vq_embed_dim, vae.config.latent_channels) == (1024, 256, 256)
+    assert 70e6 < sum(p.numel() for p in vae.parameters()) < 75e6  # taming's ImageNet f16 VQGAN: 72.1M
+    resolution = cfg.train_loader.dataset['resolution']
+    check_target_size((resolution, resolution), 16, 'grid', PatchGANDiscriminator(num_layers=3).min_input_size)
 
 
 def test_reference_yaml_is_the_recipe_with_every_reference_option_on():

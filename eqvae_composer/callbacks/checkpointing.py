@@ -36,8 +36,9 @@ from typing import Any
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State, Timestamp
 from composer.loggers import Logger
-from composer.utils import dist, format_name_with_dist, reproducibility
-from composer.utils.checkpoint import PartialFilePath
+from composer.utils import PartialFilePath, dist, format_name_with_dist, reproducibility
+
+from eqvae_composer.compat import SaveCheckpointHook, rename_saved_checkpoint, save_checkpoint_unlinked
 
 __all__ = ['PARTIAL_PREFIX', 'RestoreRNGMidEpoch', 'ResumableCheckpointSaver', 'list_checkpoints']
 
@@ -80,7 +81,7 @@ def list_checkpoints(folder: str, filename: str, run_name: str, prefix: str = ''
     return sorted(found, key=lambda item: (item[1].get('batch', 0), item[1].get('epoch', 0)))
 
 
-class ResumableCheckpointSaver(CheckpointSaver):
+class ResumableCheckpointSaver(SaveCheckpointHook, CheckpointSaver):
     """A ``CheckpointSaver`` whose local checkpoints are complete or absent, and whose keep-N survives restarts.
 
     Args:
@@ -125,29 +126,21 @@ class ResumableCheckpointSaver(CheckpointSaver):
             log.info('Counting %d existing checkpoint(s) towards num_checkpoints_to_keep=%d.', len(adopted),
                      self.num_checkpoints_to_keep)
 
-    def _save_checkpoint(self, state: State, logger: Logger) -> None:
+    def save_checkpoint(self, state: State, logger: Logger) -> None:
         if state.fsdp_sharded_state_dict_enabled:
-            super()._save_checkpoint(state, logger)
+            super().save_checkpoint(state, logger)
             return
         final, latest, keep = self.filename, self.latest_filename, self.num_checkpoints_to_keep
         head, tail = os.path.split(final.filename)
         # Composer writes, uploads (a copy, under the final remote name) and records; the link and
         # the rotation are done below, after the rename.
-        self.filename = PartialFilePath(os.path.join(head, PARTIAL_PREFIX + tail), final.folder)
-        self.latest_filename, self.num_checkpoints_to_keep = None, -1
-        saved_before = len(self.saved_checkpoints)
-        try:
-            super()._save_checkpoint(state, logger)
-        finally:
-            self.filename, self.latest_filename, self.num_checkpoints_to_keep = final, latest, keep
-        if len(self.saved_checkpoints) == saved_before:  # this rank writes no file (monolithic: rank > 0)
+        partial = PartialFilePath(os.path.join(head, PARTIAL_PREFIX + tail), final.folder)
+        staged = save_checkpoint_unlinked(self, state, logger, partial)
+        if staged is None:  # this rank writes no file (monolithic: rank > 0)
             return
-        staged = self.saved_checkpoints[-1]
         path = final.format(state)
         os.replace(staged, path)
-        self.saved_checkpoints[-1] = path
-        timestamp = self.all_saved_checkpoints_to_timestamp.pop(staged, state.timestamp)
-        self.all_saved_checkpoints_to_timestamp[path] = timestamp
+        rename_saved_checkpoint(self, staged, path, state.timestamp)
         if latest is not None and keep != 0:
             link = latest.format(state)
             os.makedirs(os.path.dirname(link) or '.', exist_ok=True)

@@ -2,8 +2,8 @@
 
 Where things are in a Composer checkpoint (``torch.load(path)['state']``):
 
-* ``state['model']``: ``ComposerAutoencoderKL.state_dict()``; the VAE is under ``autoencoder.vae.``
-  (the discriminator under ``loss_fn.discriminator.`` is not exported).
+* ``state['model']``: ``ComposerAutoencoderKL.state_dict()`` (or ``ComposerVQModel``'s); the VAE is
+  under ``autoencoder.vae.`` (the discriminator under ``loss_fn.discriminator.`` is not exported).
 * ``state['algorithms']``: ``[(name, state_dict), ...]``; Composer's ``EMA`` stores
   ``ema_model = {named_parameters_dict, named_buffers_dict}`` and ``ema_weights_active``. EMA swaps
   its averages *into* the model before every checkpoint, so with ``ema_weights_active`` the model
@@ -12,7 +12,8 @@ Where things are in a Composer checkpoint (``torch.load(path)['state']``):
   Under FSDP2 the copies are DTensors, and a sharded checkpoint keeps rank 0's shard of them only
   (Composer pickles the algorithms' state whole, from rank 0: see ``sharded.py``).
 * ``state['callbacks'][name]``: callbacks' ``state_dict()``; ``AutoencoderConfigRecorder`` stores the
-  VAE's diffusers config there, so a checkpoint carries its own architecture.
+  VAE's diffusers config there, with its ``_class_name`` as in ``config.json``, so a checkpoint
+  carries its own architecture.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import torch
 from composer import Callback, State
 from composer.algorithms import EMA
-from diffusers import AutoencoderKL
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -61,7 +61,7 @@ class AutoencoderConfigRecorder(Callback):
 
     def fit_start(self, state: State, logger: Any) -> None:
         vae = getattr(unwrap_model(state.model), 'vae', None)
-        self._config = None if vae is None else dict(vae.config)
+        self._config = None if vae is None else {**vae.config, '_class_name': type(vae).__name__}
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self._config is None else {'vae_config': self._config}
@@ -138,8 +138,9 @@ def recorded_vae_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     return recorded.get('vae_config')
 
 
-def _standalone(config: Mapping[str, Any], vae_state: Mapping[str, torch.Tensor]) -> AutoencoderKL:
-    vae = AutoencoderKL.from_config(dict(config))
+def _standalone(live: torch.nn.Module, vae_state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A new autoencoder of ``live``'s class and config holding ``vae_state``."""
+    vae = type(live).from_config(dict(live.config))
     # EMA's copies of FSDP2-sharded parameters are DTensors: gathered (a collective, in the same order on every rank).
     full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in vae_state.items()}
     vae.load_state_dict({k: v.detach().to('cpu', copy=True) for k, v in full.items()}, strict=True)
@@ -151,18 +152,18 @@ def _full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
-def full_vae(model: torch.nn.Module) -> AutoencoderKL:
-    """A standalone, full-weight copy of the VAE of a (possibly FSDP/DDP-wrapped) ``ComposerAutoencoderKL``.
+def full_vae(model: torch.nn.Module) -> torch.nn.Module:
+    """A standalone, full-weight copy of the VAE of a (possibly FSDP/DDP-wrapped) ``ComposerAutoencoderKL`` (or VQ).
 
     Collective under FSDP (parameters are gathered): call it on every rank.
 
     Args:
         model: ``trainer.state.model``.
     """
-    return _standalone(unwrap_model(model).vae.config, _vae_part(_full_model_state(model)))
+    return _standalone(unwrap_model(model).vae, _vae_part(_full_model_state(model)))
 
 
-def trained_autoencoder(state: State, ema: bool = True) -> tuple[AutoencoderKL, str]:
+def trained_autoencoder(state: State, ema: bool = True) -> tuple[torch.nn.Module, str]:
     """Like ``full_vae(state.model)``, with the EMA weights when the Trainer runs Composer's ``EMA``.
 
     Collective under FSDP: call it on every rank.
@@ -179,4 +180,4 @@ def trained_autoencoder(state: State, ema: bool = True) -> tuple[AutoencoderKL, 
     algorithms = [(EMA.__name__, a.state_dict()) for a in state.algorithms
                   if isinstance(a, EMA) and a.ema_model is not None]
     vae_state, which = _select(_full_model_state(state.model), _ema_state(algorithms), ema)
-    return _standalone(unwrap_model(state.model).vae.config, vae_state), which
+    return _standalone(unwrap_model(state.model).vae, vae_state), which

@@ -56,8 +56,11 @@ def load_for_export(
     return load_autoencoder(source, subfolder=subfolder, config=config), 'stored'
 
 
-def export_diffusers(vae: AutoencoderKL, folder: str | os.PathLike) -> Path:
+def export_diffusers(vae: torch.nn.Module, folder: str | os.PathLike) -> Path:
     """Save ``vae`` as a diffusers folder (``config.json`` + safetensors) that ``from_pretrained`` loads.
+
+    Any diffusers autoencoder (``AutoencoderKL``, ``VQModel``): ``save_pretrained`` writes its class name
+    (``_class_name``) and every config field (``scaling_factor``, ``shift_factor``, ``force_upcast``...).
 
     Args:
         vae: the autoencoder.
@@ -81,6 +84,9 @@ def export_ldm(vae: AutoencoderKL, path: str | os.PathLike, prefix: bool = False
         prefix: prepend ``first_stage_model.``, the layout of a full LDM / Stable Diffusion
             checkpoint. Default: ``False`` (the layout of the autoencoder's own ``model.ckpt``).
     """
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(f'LDM key names exist for AutoencoderKL only, not {type(vae).__name__}: export it as a '
+                         'diffusers folder (export_diffusers, scripts/export.py --out).')
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = diffusers_to_ldm(vae.state_dict(), vae.config, prefix=LDM_PREFIX if prefix else '')

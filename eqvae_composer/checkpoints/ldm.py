@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, convert_ldm_vae_checkpoint
+
+from eqvae_composer.compat import LDM_VAE_PREFIXES, convert_ldm_vae_state_dict
 
 __all__ = [
     'LDM_PREFIX',
@@ -71,7 +72,7 @@ def _key_map(config_json: str) -> dict[str, str]:
         model_keys = set(AutoencoderKL.from_config(config).state_dict())
     names = _ldm_module_names(len(config['block_out_channels']), config.get('layers_per_block', 2))
     probe = {name: torch.tensor([float(index)]) for index, name in enumerate(names)}
-    converted = convert_ldm_vae_checkpoint(probe, config)
+    converted = convert_ldm_vae_state_dict(probe, config)
     mapping = {key: names[int(value.item())] for key, value in converted.items() if key in model_keys}
     unmapped = sorted(model_keys - set(mapping))
     if unmapped or len(set(mapping.values())) != len(mapping):
@@ -129,7 +130,7 @@ def ldm_to_diffusers(state: Mapping[str, torch.Tensor], config: Mapping[str, Any
     Raises:
         KeyMismatchError: missing or unexpected keys, listed in LDM names.
     """
-    prefix = next((p for p in LDM_VAE_KEYS if any(k.startswith(p) for k in state)), '')
+    prefix = next((p for p in LDM_VAE_PREFIXES if any(k.startswith(p) for k in state)), '')
     vae_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not prefix:
         vae_state = {k: v for k, v in vae_state.items() if not k.startswith(_IGNORED_LDM_PREFIXES)}
@@ -137,7 +138,7 @@ def ldm_to_diffusers(state: Mapping[str, torch.Tensor], config: Mapping[str, Any
     missing, unexpected = sorted(expected - set(vae_state)), sorted(set(vae_state) - expected)
     if missing or unexpected:
         raise KeyMismatchError(_mismatch_message('LDM state dict does not match the architecture', missing, unexpected))
-    return convert_ldm_vae_checkpoint(vae_state, dict(config))
+    return convert_ldm_vae_state_dict(vae_state, dict(config))
 
 
 def diffusers_to_ldm(

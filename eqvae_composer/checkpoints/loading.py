@@ -1,10 +1,13 @@
-"""One function to get a diffusers ``AutoencoderKL`` from wherever it lives.
+"""One function to get a diffusers ``AutoencoderKL`` (or another supported autoencoder) from wherever it lives.
 
 Accepted sources (see ``load_autoencoder``): a config dict (a new, randomly initialised model), a
 local diffusers folder, a hub id (cache first), a single LDM/CompVis file (``.ckpt``,
 ``.safetensors``, ``.pt``, ``.pth``, ``.bin``; converted with diffusers' ``convert_ldm_vae_checkpoint``),
 a bare diffusers state dict, or a Composer checkpoint of this project: a file, or an FSDP sharded
 checkpoint folder. Every load is strict: keys that are missing or unexpected are an error that lists them.
+
+The class is the config's ``_class_name`` (diffusers folders, checkpoints recorded by this project)
+when it names a supported one (``VQModel``), else ``AutoencoderKL``; LDM key names are for ``AutoencoderKL``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from eqvae_composer.checkpoints.composer_state import composer_vae_state, is_composer_checkpoint, recorded_vae_config
 from eqvae_composer.checkpoints.ldm import KeyMismatchError, format_keys, is_diffusers_state_dict, ldm_to_diffusers
 from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint, read_sharded_checkpoint
+from eqvae_composer.introspection import autoencoder_class
 
 __all__ = [
     'SD_VAE_CONFIG',
@@ -151,8 +155,8 @@ def resolve_config(
     return dict(AutoencoderKL.load_config(str(config), **kwargs))
 
 
-def _build(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], what: str) -> AutoencoderKL:
-    vae = AutoencoderKL.from_config(dict(config))
+def _build(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], what: str) -> torch.nn.Module:
+    vae = autoencoder_class(config).from_config(dict(config))
     expected = vae.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong_shape = sorted(
@@ -243,6 +247,9 @@ def _load_single_file(
     resolved = _default_config(config, subfolder)
     state = _state_dict_of(obj, path)
     if not is_diffusers_state_dict(state):
+        if autoencoder_class(resolved) is not AutoencoderKL:
+            raise AutoencoderLoadError(f'{path} does not hold diffusers key names, and LDM key names are converted for '
+                                       'AutoencoderKL only: save the weights with diffusers names (state_dict()).')
         try:
             state = ldm_to_diffusers(state, resolved)
         except KeyMismatchError as error:
@@ -256,15 +263,20 @@ def _hub_offline() -> bool:
     return os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
 
 
-def _load_pretrained(source: str, subfolder: str | None, revision: str | None) -> AutoencoderKL:
+def _from_pretrained(source: str, **kwargs: Any) -> torch.nn.Module:
+    """``from_pretrained`` of the class the folder's ``config.json`` names."""
+    return autoencoder_class(AutoencoderKL.load_config(source, **kwargs)).from_pretrained(source, **kwargs)
+
+
+def _load_pretrained(source: str, subfolder: str | None, revision: str | None) -> torch.nn.Module:
     # low_cpu_mem_usage=False: diffusers' default (True) needs `accelerate` and, without it, warns on every
     # load before falling back to this. A VAE is small (SD-VAE: 84M parameters); building it on the meta
     # device would save one transient copy of its weights, not worth a dependency and a second loading path.
     kwargs = {'subfolder': subfolder, 'revision': revision, 'low_cpu_mem_usage': False}
     if Path(source).is_dir():
-        return AutoencoderKL.from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None})
+        return _from_pretrained(source, **{k: v for k, v in kwargs.items() if v is not None})
     try:  # the hub cache first: no network round trip when the files are already here
-        return AutoencoderKL.from_pretrained(source, local_files_only=True, **kwargs)
+        return _from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass
     if _hub_offline():
@@ -273,7 +285,7 @@ def _load_pretrained(source: str, subfolder: str | None, revision: str | None) -
             'Pass a local path instead: a diffusers folder or an LDM .ckpt/.safetensors file.',
         )
     try:
-        return AutoencoderKL.from_pretrained(source, **kwargs)
+        return _from_pretrained(source, **kwargs)
     except Exception as error:
         raise AutoencoderLoadError(
             f'could not load {source!r} (subfolder={subfolder!r}): it is not a local path, not in the Hugging Face '
@@ -288,8 +300,8 @@ def load_autoencoder(
     revision: str | None = None,
     config: Mapping[str, Any] | str | os.PathLike | None = None,
     ema: bool = True,
-) -> AutoencoderKL:
-    """Load or build an ``AutoencoderKL``.
+) -> torch.nn.Module:
+    """Load or build an ``AutoencoderKL``, or the class a config's ``_class_name`` names (``VQModel``).
 
     Args:
         source: a diffusers config dict (builds a new model); a local diffusers folder; a hub id
@@ -313,7 +325,7 @@ def load_autoencoder(
         FileNotFoundError: a path that looks local but does not exist.
     """
     if isinstance(source, Mapping):
-        return AutoencoderKL.from_config(dict(source))
+        return autoencoder_class(source).from_config(dict(source))
     path = Path(source).expanduser()
     if is_sharded_checkpoint(path):
         return load_composer_checkpoint(path, config, subfolder, ema)[0]

@@ -36,6 +36,7 @@ from typing import Any
 from streaming.base.util import bytes_to_int, merge_index
 from tqdm import tqdm
 
+from eqvae_composer.compat import pending_uploads, reset_shard_cache
 from eqvae_composer.data.demo import write_demo_folders
 from eqvae_composer.data.images import PreparedImage, prepare_image
 from eqvae_composer.data.mds_writer import LeanMDSWriter
@@ -336,8 +337,8 @@ def _drain_uploads(writer: LeanMDSWriter) -> None:
     """
     if writer.new_samples:
         writer.flush_shard()
-        writer._reset_cache()
-    while writer.executor._work_queue.qsize() > 0 and not writer.event.is_set():
+        reset_shard_cache(writer)
+    while pending_uploads(writer) > 0 and not writer.event.is_set():
         time.sleep(0.001)
 
 

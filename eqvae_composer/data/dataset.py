@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from streaming import Stream, StreamingDataLoader, StreamingDataset
-from streaming.base.batching import generate_work
 
+from eqvae_composer.compat import EpochWorkHook, epoch_partition
 from eqvae_composer.data.transforms import (
     RESIZE_FILTERS,
     decode_crop_resize,
@@ -110,7 +110,7 @@ def padding_mask(partition: NDArray[np.int64], node: int, rank: int, worker: int
     return ~first.reshape(partition.shape)[node, rank, worker].reshape(-1)[ids != -1]
 
 
-class StreamingImageDataset(StreamingDataset):
+class StreamingImageDataset(EpochWorkHook, StreamingDataset):
     """Images from MDS shards, with the EQ-VAE reference train crop or eval transform.
 
     Train: a square crop of side ``min_side * U(0.5, 1)`` at a uniformly random position, resized
@@ -184,20 +184,17 @@ class StreamingImageDataset(StreamingDataset):
         epoch = max(self.next_epoch - 1, 0)
         return np.random.default_rng((self.shuffle_seed, epoch, index))
 
-    def _get_work(self, epoch: int, sample_in_epoch: int) -> NDArray[np.int64]:
+    def epoch_work(self, epoch: int, sample_in_epoch: int) -> None:
         # StreamingDataset hands each worker only its own slice of the epoch's partition; the padding
         # flags need the whole of it. Rebuilding it is deterministic and, for an eval set, cheap.
-        sample_ids = super()._get_work(epoch, sample_in_epoch)
         if not self.train:
-            world = self._parallel_worker_world
-            partition = generate_work(self.batching_method, self, world, epoch, sample_in_epoch)
-            self._padding = padding_mask(partition, world.node, world.rank_of_node, world.worker_of_rank)
-        return sample_ids
+            partition, (node, rank, worker) = epoch_partition(self, epoch, sample_in_epoch)
+            self._padding = padding_mask(partition, node, rank, worker)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """This rank's and worker's samples; for evaluation, with the ``PADDING_KEY`` flag."""
         for position, sample in enumerate(super().__iter__()):
-            if not self.train:  # super() computed self._padding (_get_work) before its first sample
+            if not self.train:  # super() computed self._padding (epoch_work) before its first sample
                 sample[PADDING_KEY] = bool(self._padding[position])
             yield sample
 

@@ -8,6 +8,8 @@ and after hashing and writing, the rate is set by how many times each byte is mo
 ``LeanMDSWriter`` keeps each sample as its list of column pieces, hashes the pieces in order and
 hands them to the file as they are: the bytes leave the process exactly once, in ``write(2)``.
 ``tests/test_data_convert.py`` checks that shards and index are byte-identical to ``MDSWriter``'s.
+It overrides streaming 0.13's writer methods and reads its fields (``new_samples``, ``shards``, ...);
+the private methods it calls go through ``eqvae_composer.compat``, whose version check covers this class.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 import xxhash
 from streaming import MDSWriter
 from streaming.base.format.mds.encodings import mds_encode
+
+from eqvae_composer.compat import next_shard_name, reset_shard_cache
 
 __all__ = ['LeanMDSWriter']
 
@@ -74,7 +78,7 @@ class LeanMDSWriter(MDSWriter):
         new_sample_size = sum(map(len, pieces)) + self.extra_bytes_per_sample
         if self.size_limit and self.size_limit < self.new_shard_size + new_sample_size:
             self.flush_shard()
-            self._reset_cache()
+            reset_shard_cache(self)
         self.new_samples.append(pieces)  # type: ignore[arg-type]  # pieces, not bytes: see the class docstring
         self.new_shard_size += new_sample_size
 
@@ -94,7 +98,7 @@ class LeanMDSWriter(MDSWriter):
             super().flush_shard()
             return
         # ``MDSWriter.flush_shard`` + ``Writer._process_file`` without the joined buffer.
-        basename, _ = self._name_next_shard()
+        basename = next_shard_name(self)
         pieces = self._shard_pieces()
         hashes = {algo: _hex_digest(algo, pieces) for algo in self.hashes}
         with open(os.path.join(self.local, basename), 'wb') as out:

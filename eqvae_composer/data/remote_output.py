@@ -14,8 +14,9 @@ import os
 import urllib.parse
 
 from botocore.exceptions import BotoCoreError, ClientError
-from streaming.base.storage.download import CloudDownloader
-from streaming.base.storage.upload import CloudUploader
+from streaming.base.storage import CloudDownloader, CloudUploader
+
+from eqvae_composer.compat import boto3_client
 
 __all__ = ['RemoteOutput', 'RemoteOutputError']
 
@@ -91,7 +92,7 @@ class RemoteOutput:
         Raises:
             RemoteOutputError: This kind of store has no delete here, or a deletion failed.
         """
-        client = getattr(self._uploader, 's3', None)  # streaming's S3Uploader holds a boto3 client
+        client = boto3_client(self._uploader)
         if client is None:
             raise RemoteOutputError(
                 f'--overwrite cannot delete objects under {self.remote}: only s3:// prefixes are cleared here. '

@@ -1,5 +1,6 @@
-"""Evaluation: reconstruction (rFID, PSNR, SSIM, LPIPS) and latent-equivariance metrics, and the eval runner."""
+"""Evaluation: reconstruction (rFID, PSNR, SSIM, LPIPS), latent-equivariance and codebook metrics, the eval runner."""
 
+from eqvae_composer.evaluation.codebook import CodebookPerplexity, CodebookUsage, DeadCodeFraction
 from eqvae_composer.evaluation.datasets import (
     PROTOCOLS,
     ImageFolderDataset,
@@ -62,6 +63,9 @@ __all__ = [
     'REFERENCE_INCEPTION_FILENAME',
     'REFERENCE_INCEPTION_URL',
     'REFERENCE_METRICS',
+    'CodebookPerplexity',
+    'CodebookUsage',
+    'DeadCodeFraction',
     'EvalProtocol',
     'ImageFolderDataset',
     'IndexedDataset',

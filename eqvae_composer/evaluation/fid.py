@@ -11,8 +11,9 @@ import os
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.fid import FrechetInceptionDistance
 
+from eqvae_composer.compat import torchmetrics_inception
 from eqvae_composer.evaluation.metrics import quantize
 from eqvae_composer.weights import resolve_weights
 
@@ -44,9 +45,7 @@ def load_inception(weights: str | os.PathLike | None = None, allow_download: boo
         MissingWeightsError: the file is not on this machine and downloading is not allowed.
     """
     path = resolve_weights(INCEPTION_FILENAME, INCEPTION_URL, 'rFID (Inception-v3)', weights, allow_download)
-    net = NoTrainInceptionV3(
-        name='inception-v3-compat', features_list=[str(_POOL_FEATURES)], feature_extractor_weights_path=str(path)
-    )
+    net = torchmetrics_inception(str(path), _POOL_FEATURES)
     # Declared so FrechetInceptionDistance does not probe the network with a dummy image.
     net.num_features = _POOL_FEATURES
     return net.requires_grad_(False)

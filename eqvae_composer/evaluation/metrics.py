@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
@@ -56,24 +56,33 @@ class ReconstructionSSIM(StructuralSimilarityIndexMeasure):
         super().update(quantize(preds), quantize(target))
 
 
-class MeanPerImage(Metric):
-    """Mean of per-image values, summed across ranks before dividing (not a mean of rank means)."""
+class MeanPerImage(MeanMetric):
+    """Mean of per-image values: torchmetrics' ``MeanMetric`` accumulating in float64, NaN kept.
 
-    full_state_update = False
+    Its two states (the sum of the values, their count) are summed across ranks before dividing,
+    so a multi-rank mean is the mean over all images, not a mean of rank means. A NaN value makes
+    the mean NaN (``MeanMetric``'s default drops it with a warning, and the mean of a diverged model
+    would look fine), and a metric that saw no image computes NaN, not 0. Reports float32.
+    """
+
     higher_is_better = False
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state('total', torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx='sum')
-        self.add_state('count', torch.tensor(0, dtype=torch.long), dist_reduce_fx='sum')
+        super().__init__(nan_strategy='disable', **kwargs)
+        # float64 sums, as the hand-written metric kept: the float32 mean reported then does not depend
+        # on how the images were split into batches and ranks.
+        self.set_dtype(torch.float64)
+
+    @property
+    def count(self) -> torch.Tensor:
+        """How many values this process has taken in (``MeanMetric``'s ``weight`` state: one per value)."""
+        return self.weight
 
     def update(self, values: torch.Tensor) -> None:  # type: ignore[override]
-        values = values.detach().flatten()
-        self.total += values.double().sum()
-        self.count += values.numel()
+        super().update(values.detach().flatten())
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp_min(1)).float()
+        return super().compute().float()
 
 
 class ReconstructionPSNR(MeanPerImage):

@@ -12,7 +12,6 @@ the ones the files would hold.
 from __future__ import annotations
 
 import os
-from unittest import mock
 
 import numpy as np
 import pytorch_fid.inception
@@ -22,6 +21,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from eqvae_composer.compat import pytorch_fid_inception
 from eqvae_composer.weights import resolve_weights
 
 __all__ = ['REFERENCE_INCEPTION_FILENAME', 'REFERENCE_INCEPTION_URL', 'ReferenceFID', 'load_reference_inception']
@@ -52,11 +52,7 @@ def load_reference_inception(weights: str | os.PathLike | None = None, allow_dow
     what = 'rFID of --protocol reference (pytorch-fid Inception-v3)'
     path = resolve_weights(REFERENCE_INCEPTION_FILENAME, REFERENCE_INCEPTION_URL, what, weights, allow_download)
     state = torch.load(path, map_location='cpu', weights_only=True)
-    # pytorch-fid builds the network and fetches its weights through torch.hub in one call, which
-    # would download when the file is not in the hub cache; it is handed the file found above instead.
-    # The strict load inside still rejects a file whose keys or shapes are not the network's.
-    with mock.patch.object(pytorch_fid.inception, 'load_state_dict_from_url', lambda *args, **kwargs: state):
-        net = pytorch_fid.inception.InceptionV3([_POOL_BLOCK])
+    net = pytorch_fid_inception(state, [_POOL_BLOCK])  # never downloads; rejects a file that is not the network's
     return _PoolFeatures(net).eval().requires_grad_(False)
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from composer.models import ComposerModel
 from diffusers import AutoencoderKL
 from torch import nn
 from torchmetrics import Metric
 
-from eqvae_composer.data.dataset import PADDING_KEY
 from eqvae_composer.evaluation.metrics import (
     LatentEquivarianceError,
     LPIPSMetric,
@@ -22,7 +19,8 @@ from eqvae_composer.evaluation.metrics import (
     eval_transforms,
 )
 from eqvae_composer.introspection import vae_downsample_factor
-from eqvae_composer.models.loss import GAN_PHASES, VAEGANLoss
+from eqvae_composer.models.gan_model import GANAutoencoderModel, counted_samples, recorded_calls
+from eqvae_composer.models.loss import VAEGANLoss
 from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['AutoencoderKLForward', 'ComposerAutoencoderKL', 'EVAL_METRICS']
@@ -79,17 +77,14 @@ class AutoencoderKLForward(nn.Module):
             latents = posterior.sample() if sample_posterior else posterior.mode()
             outputs = {'posterior': posterior, 'latents': latents}
         if decode:
-            inputs: list[torch.Tensor] = []
-            handle = self.vae.decoder.conv_out.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
-            try:
+            with recorded_calls(self.vae.decoder.conv_out) as calls:
                 outputs['reconstruction'] = self.vae.decode(latents).sample
-            finally:
-                handle.remove()
+            inputs = [args[0] for args, _ in calls]
             outputs['last_layer_input'] = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
         return outputs
 
 
-class ComposerAutoencoderKL(ComposerModel):
+class ComposerAutoencoderKL(GANAutoencoderModel):
     """A diffusers ``AutoencoderKL`` trained with L1 + LPIPS + KL + PatchGAN, one forward and one backward.
 
     Add ``EquivarianceAlgorithm()`` to the Trainer for EQ-VAE; without it this is the ordinary VAE
@@ -143,88 +138,18 @@ class ComposerAutoencoderKL(ComposerModel):
         if 'LPIPS' in self.eval_metric_names and self._lpips_metric_net is None:
             raise ValueError('the LPIPS eval metric needs an LPIPS network (see load_lpips).')
         self.downsample_factor = vae_downsample_factor(vae)
-        #: The training step, compared with the loss's ``disc_start``; kept current by ``GlobalStepCallback``.
-        #: ``None`` until something sets it: with ``disc_start > 0`` training then stops with a clear error
-        #: rather than treating every step as step 0.
-        self.global_step: int | None = None
-        self._gan_phase: str | None = None
-
-    @property
-    def min_target_size(self) -> int:
-        """The smallest image side the loss accepts (the discriminator's), read by ``EquivarianceAlgorithm``."""
-        discriminator = self.loss_fn.discriminator
-        return 1 if discriminator is None else discriminator.min_input_size
 
     @property
     def vae(self) -> AutoencoderKL:
         return self.autoencoder.vae
 
-    def param_groups(
-        self,
-        lr: float,
-        betas: tuple[float, float] = (0.5, 0.9),
-        disc_lr: float | None = None,
-        disc_betas: tuple[float, float] | None = None,
-        weight_decay: float = 0.0,
-    ) -> list[dict[str, Any]]:
-        """Two optimizer parameter groups: the autoencoder (and a learnable ``logvar``), the discriminator."""
-        discriminator = self.loss_fn.discriminator
-        disc_params = [] if discriminator is None else list(discriminator.parameters())
-        disc_ids = {id(p) for p in disc_params}
-        ae_params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc_ids]
-        groups = [{'params': ae_params, 'lr': lr, 'betas': tuple(betas), 'weight_decay': weight_decay}]
-        if disc_params:
-            groups.append({
-                'params': disc_params,
-                'lr': lr if disc_lr is None else disc_lr,
-                'betas': tuple(betas if disc_betas is None else disc_betas),
-                'weight_decay': weight_decay,
-            })
-        return groups
-
-    @contextlib.contextmanager
-    def gan_phase(self, phase: str) -> Iterator[None]:
-        """Inside the context, ``forward`` and ``loss`` train one side only, as one of the reference's two passes.
-
-        ``'autoencoder'``: the autoencoder's loss, no gradient for the discriminator.
-        ``'discriminator'``: a fresh reconstruction made without autograd (the autoencoder gets no
-        gradient, as under Lightning's optimizer toggling) and the hinge loss only. Used by
-        ``AlternatingGANUpdates``; outside it, one pass trains both.
-
-        Args:
-            phase (str): one of ``GAN_PHASES``.
-        """
-        if phase not in GAN_PHASES:
-            raise ValueError(f'phase must be one of {GAN_PHASES}, got {phase!r}.')
-        previous, self._gan_phase = self._gan_phase, phase
-        try:
-            yield
-        finally:
-            self._gan_phase = previous
-
     def forward(self, batch: Any) -> dict[str, Any]:
-        # The discriminator's pass needs a fresh reconstruction, not the autoencoder's gradients. The
-        # VAE still runs through the wrapped module's forward, so FSDP gathers its parameters as usual.
-        grad = contextlib.nullcontext() if self._gan_phase != 'discriminator' else torch.no_grad()
-        with grad:
+        with self._forward_grad():
             return self.autoencoder(batch[self.image_key], sample_posterior=self.sample_posterior)
 
     def loss(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
-        if self.global_step is None and self.loss_fn.disc_start > 0 and self.training:
-            raise RuntimeError(
-                f'disc_start={self.loss_fn.disc_start} needs the training step: add '
-                'eqvae_composer.callbacks.GlobalStepCallback() to the Trainer\'s callbacks (train.py does), or set '
-                'model.global_step yourself in a loop of your own.',
-            )
-        return self.loss_fn(
-            batch[self.image_key],
-            outputs['reconstruction'],
-            outputs['posterior'],
-            self.vae.decoder.conv_out,
-            outputs.get('last_layer_input'),
-            self.global_step or 0,
-            self._gan_phase,
-        )
+        return self._gan_loss(batch[self.image_key], outputs['reconstruction'], outputs['posterior'],
+                              outputs.get('last_layer_input'))
 
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
         if outputs is not None:
@@ -260,10 +185,8 @@ class ComposerAutoencoderKL(ComposerModel):
         return {name: factories[name]() for name in self.eval_metric_names}
 
     def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        # StreamingDataset repeats samples to give every rank as many; count each sample once.
-        padding = batch.get(PADDING_KEY) if isinstance(batch, Mapping) else None
-        keep = slice(None) if padding is None else ~padding
-        if padding is not None and not keep.any():
+        keep = counted_samples(batch)
+        if keep is None:
             return
         target, reconstruction = batch[self.image_key][keep], outputs['reconstruction'][keep]
         if isinstance(metric, LatentEquivarianceError):

@@ -20,39 +20,42 @@ loss only, on a reconstruction made without gradients.
 
 The value of ``'total'`` is the autoencoder's loss (the reference's ``train/total_loss``): the hinge
 loss adds its gradient for the discriminator but nothing to the value, and is logged as ``'disc'``.
+
+``ReconstructionGANLoss`` holds all of that; a subclass says how the per-pixel reconstruction term is
+reduced and what the latent term is: ``VAEGANLoss`` (LDM, KL) here, ``VQGANLoss`` (taming, codebook)
+in ``vq_loss.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from eqvae_composer.compat import DiagonalGaussianDistribution
 from eqvae_composer.models.discriminator import PatchGANDiscriminator
 from eqvae_composer.models.lpips import dropout_active, lpips_distance
 
-__all__ = ['GAN_PHASES', 'LOSS_KEYS', 'VAEGANLoss', 'hinge_discriminator_loss']
+__all__ = [
+    'GAN_KEYS',
+    'GAN_PHASES',
+    'LOSS_KEYS',
+    'RECONSTRUCTION_KEYS',
+    'ReconstructionGANLoss',
+    'VAEGANLoss',
+    'hinge_discriminator_loss',
+]
 
-#: Every key the loss returns, on every step: Composer all-reduces the dict across ranks.
-LOSS_KEYS = (
-    'total',
-    'nll',
-    'rec',
-    'l1',
-    'lpips',
-    'kl',
-    'g',
-    'disc',
-    'disc_weight',
-    'disc_factor',
-    'logits_real',
-    'logits_fake',
-    'logvar',
-)
+#: The keys of the reconstruction terms and of the GAN terms, in every ``ReconstructionGANLoss``.
+RECONSTRUCTION_KEYS = ('total', 'nll', 'rec', 'l1', 'lpips')
+GAN_KEYS = ('g', 'disc', 'disc_weight', 'disc_factor', 'logits_real', 'logits_fake')
+
+#: Every key ``VAEGANLoss`` returns, on every step: Composer all-reduces the dict across ranks.
+LOSS_KEYS = (*RECONSTRUCTION_KEYS, 'kl', *GAN_KEYS, 'logvar')
 
 #: The passes of the reference's alternating updates, in order; ``None`` (the default) is one joint pass.
 GAN_PHASES = ('autoencoder', 'discriminator')
@@ -69,25 +72,28 @@ def _kl(posterior: DiagonalGaussianDistribution) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
-class VAEGANLoss(nn.Module):
-    """L1 + LPIPS + KL + PatchGAN with adaptive weight, as in the reference (spec section 3).
+class ReconstructionGANLoss(nn.Module):
+    """L1 + LPIPS + a latent term + PatchGAN (hinge) with the adaptive weight, in one forward and one backward.
 
-    It is an ``nn.Module`` because it owns the discriminator (and ``logvar`` when learnable): under
-    FSDP it is wrapped as a unit, and everything that touches its parameters runs in ``forward``.
+    The machinery shared by the KL and VQ objectives (see the module docstring): the discriminator,
+    its hinge loss, the generator term, the adaptive weight on the decoder's last layer and the
+    surrogate that trains the autoencoder without differentiating LPIPS and the discriminator twice.
+    A subclass defines ``loss_keys``, ``_nll`` (how the per-pixel ``rec`` term is reduced; its
+    gradient with respect to the image drives the adaptive weight) and ``_latent_loss`` (the weighted
+    term that reaches the encoder without passing through the reconstruction: KL, codebook).
+
+    It is an ``nn.Module`` because it owns the discriminator: under FSDP it is wrapped as a unit, and
+    everything that touches its parameters runs in ``forward``.
 
     Args:
         lpips (Callable, optional): ``lpips(x, x_hat) -> (B, 1, 1, 1)`` on [-1, 1] images, e.g. from
             ``load_lpips()``. Kept out of the module's parameters and checkpoints: it is frozen.
             Required when ``lpips_weight > 0``.
         lpips_weight (float): weight of the perceptual term. Default: ``1.0``.
-        kl_weight (float): weight of the KL term. Default: ``1e-6``.
         disc_weight (float): scale of the adaptive weight; ``0`` removes the discriminator (unless
             ``always_train_discriminator``). Default: ``0.5``.
         disc_factor (float): multiplies both GAN terms once active. Default: ``1.0``.
         disc_start (int): training step from which the GAN terms count. Default: ``0``.
-        logvar_init (float): initial ``logvar`` of ``nll = rec / exp(logvar) + logvar``. Default: ``0``.
-        learn_logvar (bool): make ``logvar`` a trained parameter (the reference keeps it fixed).
-            Default: ``False``.
         disc_in_channels (int), disc_num_filters (int), disc_num_layers (int): the PatchGAN's shape.
             Defaults: ``3``, ``64``, ``3``.
         adaptive_weight_max (float): upper clamp of the adaptive weight. Default: ``1e4``.
@@ -100,16 +106,16 @@ class VAEGANLoss(nn.Module):
             whatever the weight); the autoencoder gets no GAN gradient either way. Default: ``False``.
     """
 
+    #: Every key ``forward`` returns, on every call.
+    loss_keys: tuple[str, ...] = ()
+
     def __init__(
         self,
         lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         lpips_weight: float = 1.0,
-        kl_weight: float = 1e-6,
         disc_weight: float = 0.5,
         disc_factor: float = 1.0,
         disc_start: int = 0,
-        logvar_init: float = 0.0,
-        learn_logvar: bool = False,
         disc_in_channels: int = 3,
         disc_num_filters: int = 64,
         disc_num_layers: int = 3,
@@ -118,7 +124,7 @@ class VAEGANLoss(nn.Module):
         always_train_discriminator: bool = False,
     ) -> None:
         super().__init__()
-        if lpips_weight < 0 or kl_weight < 0 or disc_weight < 0 or disc_factor < 0 or disc_start < 0:
+        if lpips_weight < 0 or disc_weight < 0 or disc_factor < 0 or disc_start < 0:
             raise ValueError('loss weights and disc_start must be non-negative.')
         if lpips_weight > 0 and lpips is None:
             raise ValueError('lpips_weight > 0 needs an LPIPS network (see eqvae_composer.models.load_lpips).')
@@ -130,39 +136,41 @@ class VAEGANLoss(nn.Module):
                 pass
         self.lpips_dropout = bool(lpips_dropout)
         self.lpips_weight = float(lpips_weight)
-        self.kl_weight = float(kl_weight)
         self.disc_weight = float(disc_weight)
         self.disc_factor = float(disc_factor)
         self.disc_start = int(disc_start)
         self.adaptive_weight_max = float(adaptive_weight_max)
         # Bypass nn.Module registration: a frozen network, not state of this model.
         object.__setattr__(self, 'lpips', lpips)
-        logvar = torch.full((), float(logvar_init))
-        if learn_logvar:
-            self.logvar = nn.Parameter(logvar)
-        else:
-            self.register_buffer('logvar', logvar)
         self.discriminator = (
             PatchGANDiscriminator(disc_in_channels, disc_num_filters, disc_num_layers)
             if disc_weight > 0 or always_train_discriminator else None
         )
 
+    def _nll(self, rec: torch.Tensor) -> torch.Tensor:
+        """The reconstruction loss from the per-pixel ``rec = |x - x_hat| + lpips_weight * LPIPS``."""
+        raise NotImplementedError
+
+    def _latent_loss(self, latent: Any, batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted latent term added to the autoencoder's loss, and the terms to log."""
+        raise NotImplementedError
+
     def forward(
         self,
         target: torch.Tensor,
         reconstruction: torch.Tensor,
-        posterior: DiagonalGaussianDistribution,
+        latent: Any,
         last_layer: nn.Conv2d,
         last_layer_input: torch.Tensor | None,
         global_step: int = 0,
         phase: str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Every key of ``LOSS_KEYS``; ``'total'`` has the autoencoder loss's value and both losses' gradients.
+        """Every key of ``loss_keys``; ``'total'`` has the autoencoder loss's value and both losses' gradients.
 
         Args:
             target (Tensor): the images the reconstruction should match, in [-1, 1].
             reconstruction (Tensor): the decoder's output (``last_layer``'s output).
-            posterior (DiagonalGaussianDistribution): the encoder's posterior, for the KL term.
+            latent: what ``_latent_loss`` reads (the posterior, the codebook loss).
             last_layer (Conv2d): the decoder's last convolution (only its hyperparameters are read).
             last_layer_input (Tensor, optional): that convolution's input; needed for the adaptive
                 weight while training with the discriminator active.
@@ -178,19 +186,16 @@ class VAEGANLoss(nn.Module):
             raise ValueError('the discriminator phase needs a discriminator (disc_weight > 0 or '
                              'always_train_discriminator).')
         with torch.autocast(device_type=target.device.type, enabled=False):
-            return self._losses(target.float(), reconstruction.float(), posterior, last_layer, last_layer_input,
+            terms = self._terms(target.float(), reconstruction.float(), latent, last_layer, last_layer_input,
                                 global_step, phase)
-
-    def _losses(self, x, x_hat, posterior, last_layer, last_layer_input, global_step, phase) -> dict[str, torch.Tensor]:
-        terms = self._terms(x, x_hat, posterior, last_layer, last_layer_input, global_step, phase)
         # Only 'total' is differentiated. The other terms are for logging: detached, they do not keep the
         # graphs they came from (LPIPS's, for nll) alive while the trainer holds the loss dict.
         return {name: value if name == 'total' else value.detach() for name, value in terms.items()}
 
-    def _terms(self, x, x_hat, posterior, last_layer, last_layer_input, global_step, phase) -> dict[str, torch.Tensor]:
+    def _terms(self, x, x_hat, latent, last_layer, last_layer_input, global_step, phase) -> dict[str, torch.Tensor]:
         # Every key on every pass (Composer all-reduces the dict and, over the two alternating passes,
         # sums it): a pass logs 0 for the other pass's terms, as the reference logs them only in theirs.
-        terms = dict.fromkeys(LOSS_KEYS, x.new_zeros(()))
+        terms = dict.fromkeys(self.loss_keys, x.new_zeros(()))
         factor = self.disc_factor if global_step >= self.disc_start else 0.0
         trains_autoencoder = phase != 'discriminator'
         disc, logits_fake, fake = terms['disc'], None, None
@@ -212,7 +217,6 @@ class VAEGANLoss(nn.Module):
             terms['total'] = disc_gradient
             return terms
 
-        batch_size = x.shape[0]
         l1 = (x - x_hat).abs()
         if self.lpips_weight > 0:
             dropout = dropout_active(self.lpips) if self.lpips_dropout and self.training else contextlib.nullcontext()
@@ -221,11 +225,10 @@ class VAEGANLoss(nn.Module):
             rec = l1 + self.lpips_weight * p_loss  # (B, 1, 1, 1) broadcast per pixel, as the reference
         else:
             p_loss, rec = terms['lpips'], l1
-        logvar = self.logvar.float()
-        nll = (rec / torch.exp(logvar) + logvar).sum() / batch_size
-        kl = _kl(posterior).sum() / batch_size
-        value = nll + self.kl_weight * kl
-        terms.update(nll=nll, rec=rec.mean(), l1=l1.mean(), lpips=p_loss.mean(), kl=kl, logvar=logvar)
+        nll = self._nll(rec)
+        latent_value, latent_terms = self._latent_loss(latent, x.shape[0])
+        value = nll + latent_value
+        terms.update(nll=nll, rec=rec.mean(), l1=l1.mean(), lpips=p_loss.mean(), **latent_terms)
         if logits_fake is None:
             terms['total'] = value
             return terms
@@ -247,10 +250,9 @@ class VAEGANLoss(nn.Module):
         d_weight = self._adaptive_weight(grad_nll, grad_g, last_layer, last_layer_input)
         terms['disc_weight'] = d_weight
         value = value + d_weight * factor * g
-        # Same gradients as `value` for the autoencoder, without a second pass through LPIPS and D.
-        surrogate = (x_hat * (grad_nll + d_weight * factor * grad_g)).sum() + self.kl_weight * kl
-        if isinstance(self.logvar, nn.Parameter):  # grad_nll carries no gradient for logvar itself
-            surrogate = surrogate + (rec.detach() / torch.exp(logvar) + logvar).sum() / batch_size
+        # Same gradients as `value` for the autoencoder, without a second pass through LPIPS and D;
+        # nll of the detached rec carries nll's gradient for anything but the image (a learnable logvar).
+        surrogate = (x_hat * (grad_nll + d_weight * factor * grad_g)).sum() + latent_value + self._nll(rec.detach())
         terms['total'] = (value - surrogate).detach() + surrogate + disc_gradient
         return terms
 
@@ -269,3 +271,65 @@ class VAEGANLoss(nn.Module):
 
         ratio = weight_grad(grad_nll).norm() / (weight_grad(grad_g).norm() + 1e-4)
         return torch.clamp(ratio, 0.0, self.adaptive_weight_max).detach() * self.disc_weight
+
+
+class VAEGANLoss(ReconstructionGANLoss):
+    """L1 + LPIPS + KL + PatchGAN with adaptive weight, as in the reference (spec section 3).
+
+    nll = sum(rec / exp(logvar) + logvar) / B and the latent term kl_weight * KL; the rest is
+    ``ReconstructionGANLoss``'s. It owns ``logvar`` too (a parameter when learnable).
+
+    Args:
+        lpips, lpips_weight, disc_weight, disc_factor, disc_start: see ``ReconstructionGANLoss``.
+        kl_weight (float): weight of the KL term. Default: ``1e-6``.
+        logvar_init (float): initial ``logvar`` of ``nll = rec / exp(logvar) + logvar``. Default: ``0``.
+        learn_logvar (bool): make ``logvar`` a trained parameter (the reference keeps it fixed).
+            Default: ``False``.
+        **kwargs: the other ``ReconstructionGANLoss`` arguments (the PatchGAN's shape,
+            ``adaptive_weight_max``, ``lpips_dropout``, ``always_train_discriminator``).
+    """
+
+    loss_keys = LOSS_KEYS
+
+    def __init__(
+        self,
+        lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        lpips_weight: float = 1.0,
+        kl_weight: float = 1e-6,
+        disc_weight: float = 0.5,
+        disc_factor: float = 1.0,
+        disc_start: int = 0,
+        logvar_init: float = 0.0,
+        learn_logvar: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if kl_weight < 0:
+            raise ValueError('loss weights and disc_start must be non-negative.')
+        super().__init__(lpips, lpips_weight, disc_weight, disc_factor, disc_start, **kwargs)
+        self.kl_weight = float(kl_weight)
+        logvar = torch.full((), float(logvar_init))
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:
+            self.register_buffer('logvar', logvar)
+
+    def forward(
+        self,
+        target: torch.Tensor,
+        reconstruction: torch.Tensor,
+        posterior: DiagonalGaussianDistribution,
+        last_layer: nn.Conv2d,
+        last_layer_input: torch.Tensor | None,
+        global_step: int = 0,
+        phase: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every key of ``LOSS_KEYS``: ``ReconstructionGANLoss.forward`` with the posterior, for the KL."""
+        return super().forward(target, reconstruction, posterior, last_layer, last_layer_input, global_step, phase)
+
+    def _nll(self, rec: torch.Tensor) -> torch.Tensor:
+        logvar = self.logvar.float()
+        return (rec / torch.exp(logvar) + logvar).sum() / rec.shape[0]
+
+    def _latent_loss(self, posterior: DiagonalGaussianDistribution, batch_size: int):
+        kl = _kl(posterior).sum() / batch_size
+        return self.kl_weight * kl, {'kl': kl, 'logvar': self.logvar.float()}

@@ -16,6 +16,7 @@ import lpips
 import torch
 import torchvision
 
+from eqvae_composer.compat import lpips_backbone_layers
 from eqvae_composer.weights import resolve_weights
 
 __all__ = ['VGG16_FILENAME', 'VGG16_URL', 'dropout_active', 'load_lpips', 'lpips_distance', 'resolve_lpips_weights']
@@ -48,9 +49,8 @@ def load_lpips(vgg_weights: str | os.PathLike | None = None, allow_download: boo
     features.load_state_dict({k.removeprefix('features.'): v for k, v in state.items() if k.startswith('features.')})
     # pnet_rand=True builds the backbone without downloading; its layers are replaced below.
     net = lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=True, verbose=False)
-    for stage in net.net.children():
-        for index, layer in stage.named_children():  # lpips keeps torchvision's feature indices
-            layer.load_state_dict(features[int(index)].state_dict())
+    for index, layer in lpips_backbone_layers(net).items():
+        layer.load_state_dict(features[index].state_dict())
     net.eval().requires_grad_(False)
     return net
 

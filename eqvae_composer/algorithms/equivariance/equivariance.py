@@ -1,13 +1,15 @@
 """``EquivarianceAlgorithm``: EQ-VAE's implicit equivariance regularization as a Composer algorithm.
 
-The algorithm works with any ComposerModel that holds one diffusers ``AutoencoderKL``, whose forward
-encodes ``batch[image_key]`` and decodes the latent, and whose loss compares the reconstruction
-with ``batch[image_key]``. Per microbatch it draws a branch (see ``transforms.sample_branch``):
+The algorithm works with any ComposerModel that holds one diffusers autoencoder with an adapter
+(``eqvae_composer.introspection``: ``AutoencoderKL``, ``VQModel``), whose forward encodes
+``batch[image_key]`` and decodes the latent, and whose loss compares the reconstruction with
+``batch[image_key]``. Per microbatch it draws a branch (see ``transforms.sample_branch``):
 
-* equivariance: a forward pre-hook on the VAE's latent entry point (``post_quant_conv``, else the
-  decoder) replaces z by tau(z) inside the model's own forward, so the decoder runs once, on the
-  transformed latent; before the loss, ``batch[image_key]`` is swapped for tau(x) and restored
-  after it. The encoder saw x, so the KL term still sees the untransformed posterior.
+* equivariance: a forward pre-hook on the autoencoder's latent entry point (the adapter's:
+  ``AutoencoderKL``'s ``post_quant_conv``, else its decoder; ``VQModel``'s quantizer) replaces z by
+  tau(z) inside the model's own forward, so the decoder runs once, on the transformed latent; before
+  the loss, ``batch[image_key]`` is swapped for tau(x) and restored after it. The encoder saw x, so
+  the KL term still sees the untransformed posterior.
 * low-resolution prior preservation: ``batch[image_key]`` is downscaled before the forward and
   restored after the loss.
 * full-resolution prior preservation: nothing changes.
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils.batch_helpers import batch_set
+from composer.utils import batch_set
 
 from eqvae_composer.algorithms.equivariance.transforms import (
     SCALE_MODES,
@@ -44,7 +46,7 @@ from eqvae_composer.algorithms.equivariance.transforms import (
     sample_scales,
     sample_transform,
 )
-from eqvae_composer.introspection import find_autoencoder, latent_entry_point, unwrap_model, vae_downsample_factor
+from eqvae_composer.introspection import adapter_for, find_autoencoder, unwrap_model
 
 __all__ = ['EquivarianceAlgorithm', 'microbatch_seed']
 
@@ -89,9 +91,10 @@ class EquivarianceAlgorithm(Algorithm):
 
     ``EquivarianceAlgorithm()`` reproduces the reference implementation's defaults.
 
-    The model contract: the ComposerModel holds one diffusers ``AutoencoderKL``; its ``forward``
-    encodes ``batch[image_key]`` and decodes the latent through the VAE (``vae.decode`` or its
-    ``post_quant_conv``/``decoder``), once; its ``loss`` compares the reconstruction with
+    The model contract: the ComposerModel holds one diffusers autoencoder with an adapter
+    (``AutoencoderKL``, ``VQModel``; see ``eqvae_composer.introspection``); its ``forward`` encodes
+    ``batch[image_key]`` and decodes the latent through the autoencoder (``vae.decode``, or from the
+    adapter's latent entry point on), once; its ``loss`` compares the reconstruction with
     ``batch[image_key]``; its ``update_metric`` compares the outputs with ``batch[image_key]`` (it is
     handed the transformed target). Images of side ``size`` give targets as small as
     ``smallest_target_size(size, factor, scales)`` (16 px at 64 px, 64 px at 256 px for SD-VAE with
@@ -250,9 +253,10 @@ class EquivarianceAlgorithm(Algorithm):
 
     def _attach(self, state: State) -> None:
         vae = find_autoencoder(state.model)
+        adapter = adapter_for(vae)
         if getattr(vae, 'use_tiling', False):
             raise ValueError('EquivarianceAlgorithm cannot transform tiled decoding; call vae.disable_tiling().')
-        self._factor = int(self.downsample_factor or vae_downsample_factor(vae))
+        self._factor = int(self.downsample_factor or adapter.downsample_factor(vae))
         self._seed = int(state.rank_zero_seed if self.shared_draws else state.seed)
         model = unwrap_model(state.model)
         if self.min_target_size is None:
@@ -261,7 +265,7 @@ class EquivarianceAlgorithm(Algorithm):
         for handle in self._hook_handles:  # the same instance reused by a second Trainer
             handle.remove()
         self._hook_handles = [
-            latent_entry_point(vae).register_forward_pre_hook(self._transform_latent),
+            adapter.latent_entry(vae).register_forward_pre_hook(self._transform_latent),
             # always_call: disarmed when the model's forward returns *or raises*, so no later forward
             # (an eval, a retry, a direct call) decodes a transformed latent by accident.
             model.register_forward_hook(self._disarm, always_call=True),
@@ -367,6 +371,6 @@ class EquivarianceAlgorithm(Algorithm):
     def _check_hook_ran(self) -> None:
         if self._current.branch == Branch.EQUIVARIANCE and self._current.hook_calls == 0:
             raise RuntimeError(
-                "EquivarianceAlgorithm: the model's forward did not decode a latent through the AutoencoderKL, "
+                "EquivarianceAlgorithm: the model's forward did not decode a latent through the autoencoder, "
                 'so the equivariance transform could not be applied. The forward must run the VAE decoder.',
             )

@@ -1,0 +1,138 @@
+"""What the GAN-trained ComposerModels share whatever their autoencoder: ``ComposerAutoencoderKL``, ``ComposerVQModel``.
+
+The loss (a ``ReconstructionGANLoss``) owns the discriminator, so the model gives it the training
+step (``disc_start``), the phase of the reference's alternating updates, the decoder's last layer
+and its input (the adaptive weight), and builds the two optimizer parameter groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from composer.models import ComposerModel
+from torch import nn
+
+from eqvae_composer.data.dataset import PADDING_KEY
+from eqvae_composer.models.loss import GAN_PHASES, ReconstructionGANLoss
+
+__all__ = ['GANAutoencoderModel', 'counted_samples', 'recorded_calls']
+
+
+def counted_samples(batch: Any) -> slice | torch.Tensor | None:
+    """The samples of an eval batch that its metrics count: all (``slice(None)``), a mask, or ``None`` for none.
+
+    StreamingDataset repeats samples to give every rank as many (``PADDING_KEY`` marks the repeats):
+    each sample counts once.
+    """
+    padding = batch.get(PADDING_KEY) if isinstance(batch, Mapping) else None
+    if padding is None:
+        return slice(None)
+    keep = ~padding
+    return keep if keep.any() else None
+
+
+@contextlib.contextmanager
+def recorded_calls(module: nn.Module) -> Iterator[list[tuple[tuple, Any]]]:
+    """``(args, output)`` of every forward call of ``module`` inside the context, and no hook after it.
+
+    The hook lives only for the context, so direct calls outside it record nothing and wrapping the
+    same autoencoder twice leaves no hook behind.
+    """
+    calls: list[tuple[tuple, Any]] = []
+    handle = module.register_forward_hook(lambda _, args, output: calls.append((args, output)))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+class GANAutoencoderModel(ComposerModel):
+    """A ComposerModel around one diffusers autoencoder (``self.vae``) trained with a ``ReconstructionGANLoss``.
+
+    Subclasses set ``self.loss_fn`` and define ``vae``; ``forward`` runs under ``_forward_grad()`` and
+    ``loss`` calls ``_gan_loss``.
+    """
+
+    loss_fn: ReconstructionGANLoss
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The training step, compared with the loss's ``disc_start``; kept current by ``GlobalStepCallback``.
+        #: ``None`` until something sets it: with ``disc_start > 0`` training then stops with a clear error
+        #: rather than treating every step as step 0.
+        self.global_step: int | None = None
+        self._gan_phase: str | None = None
+
+    @property
+    def vae(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def min_target_size(self) -> int:
+        """The smallest image side the loss accepts (the discriminator's), read by ``EquivarianceAlgorithm``."""
+        discriminator = self.loss_fn.discriminator
+        return 1 if discriminator is None else discriminator.min_input_size
+
+    def param_groups(
+        self,
+        lr: float,
+        betas: tuple[float, float] = (0.5, 0.9),
+        disc_lr: float | None = None,
+        disc_betas: tuple[float, float] | None = None,
+        weight_decay: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """Two optimizer parameter groups: the autoencoder (and a learnable ``logvar``), the discriminator."""
+        discriminator = self.loss_fn.discriminator
+        disc_params = [] if discriminator is None else list(discriminator.parameters())
+        disc_ids = {id(p) for p in disc_params}
+        ae_params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc_ids]
+        groups = [{'params': ae_params, 'lr': lr, 'betas': tuple(betas), 'weight_decay': weight_decay}]
+        if disc_params:
+            groups.append({
+                'params': disc_params,
+                'lr': lr if disc_lr is None else disc_lr,
+                'betas': tuple(betas if disc_betas is None else disc_betas),
+                'weight_decay': weight_decay,
+            })
+        return groups
+
+    @contextlib.contextmanager
+    def gan_phase(self, phase: str) -> Iterator[None]:
+        """Inside the context, ``forward`` and ``loss`` train one side only, as one of the reference's two passes.
+
+        ``'autoencoder'``: the autoencoder's loss, no gradient for the discriminator.
+        ``'discriminator'``: a fresh reconstruction made without autograd (the autoencoder gets no
+        gradient, as under Lightning's optimizer toggling) and the hinge loss only. Used by
+        ``AlternatingGANUpdates``; outside it, one pass trains both.
+
+        Args:
+            phase (str): one of ``GAN_PHASES``.
+        """
+        if phase not in GAN_PHASES:
+            raise ValueError(f'phase must be one of {GAN_PHASES}, got {phase!r}.')
+        previous, self._gan_phase = self._gan_phase, phase
+        try:
+            yield
+        finally:
+            self._gan_phase = previous
+
+    def _forward_grad(self) -> contextlib.AbstractContextManager:
+        # The discriminator's pass needs a fresh reconstruction, not the autoencoder's gradients. The
+        # autoencoder still runs through the wrapped module's forward, so FSDP gathers its parameters as usual.
+        return torch.no_grad() if self._gan_phase == 'discriminator' else contextlib.nullcontext()
+
+    def _gan_loss(
+        self, target: torch.Tensor, reconstruction: torch.Tensor, latent: Any, last_layer_input: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """``self.loss_fn`` on one microbatch, with the step, the phase and the decoder's last layer."""
+        if self.global_step is None and self.loss_fn.disc_start > 0 and self.training:
+            raise RuntimeError(
+                f'disc_start={self.loss_fn.disc_start} needs the training step: add '
+                'eqvae_composer.callbacks.GlobalStepCallback() to the Trainer\'s callbacks (train.py does), or set '
+                'model.global_step yourself in a loop of your own.',
+            )
+        return self.loss_fn(target, reconstruction, latent, self.vae.decoder.conv_out, last_layer_input,
+                            self.global_step or 0, self._gan_phase)
