@@ -23,14 +23,16 @@ demo: install
 	$(COMPOSER) train.py yamls/demo.yaml
 	@echo "Fine-tuned VAE (diffusers format): runs/demo/vae/   eval metrics: runs/demo/metrics.json"
 
-test: install
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything but the multi-process and slow tests: the inner loop while developing.
 test-fast: install
 	$(PY) -m pytest -m 'not slow and not multiprocess' $(PYTEST_ARGS)
 
+# The formatter and linter the pre-commit hooks run (.pre-commit-config.yaml); part of `make test`.
 lint: install
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
 experiment: install

@@ -133,6 +133,7 @@ def __getattr__(name: str) -> Any:
 
 # --- Composer 0.32 ------------------------------------------------------------------------------------------
 
+
 class SaveCheckpointHook:
     """Mixin for a ``composer.callbacks.CheckpointSaver`` subclass: every save goes through ``save_checkpoint``.
 
@@ -208,6 +209,7 @@ def forget_loaded_rng_state(trainer: Any) -> None:
 
 # --- streaming 0.13 -----------------------------------------------------------------------------------------
 
+
 class EpochWorkHook:
     """Mixin for a ``streaming.StreamingDataset`` subclass: ``epoch_work(epoch, sample_in_epoch)`` per epoch.
 
@@ -272,6 +274,7 @@ def boto3_client(uploader: Any) -> Any:
 
 # --- diffusers 0.39 -----------------------------------------------------------------------------------------
 
+
 def convert_ldm_vae_state_dict(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """LDM/CompVis VAE key names -> diffusers ``AutoencoderKL`` names.
 
@@ -290,6 +293,7 @@ def convert_ldm_vae_state_dict(state: dict[str, Any], config: dict[str, Any]) ->
 
 # --- lpips 0.1.4 --------------------------------------------------------------------------------------------
 
+
 def lpips_backbone_layers(net: torch.nn.Module) -> dict[int, torch.nn.Module]:
     """An ``lpips.LPIPS(net='vgg')``'s VGG16 trunk: torchvision's ``vgg16().features`` index -> its layer there.
 
@@ -300,6 +304,7 @@ def lpips_backbone_layers(net: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 
 # --- torchmetrics 1.7 / torch-fidelity 0.4 ------------------------------------------------------------------
+
 
 def torchmetrics_inception(weights_path: str, num_features: int = 2048) -> torch.nn.Module:
     """torchmetrics' Inception-v3 for FID (``NoTrainInceptionV3``: torch-fidelity's, kept in eval mode), from a file.
@@ -320,6 +325,7 @@ def torchmetrics_inception(weights_path: str, num_features: int = 2048) -> torch
 
 
 # --- pytorch-fid 0.3 ----------------------------------------------------------------------------------------
+
 
 def pytorch_fid_inception(state_dict: dict[str, torch.Tensor], output_blocks: list[int]) -> torch.nn.Module:
     """pytorch-fid's ``InceptionV3(output_blocks)`` with the FID weights given, not fetched.

@@ -97,8 +97,9 @@ def register_adapter(adapter: AutoencoderAdapter) -> AutoencoderAdapter:
     """
     for other in ADAPTERS.values():
         if adapter.kind == other.kind or adapter.autoencoder_class is other.autoencoder_class:
-            raise ValueError(f'an adapter for {other.kind!r} ({other.autoencoder_class.__name__}) is already '
-                             'registered.')
+            raise ValueError(
+                f'an adapter for {other.kind!r} ({other.autoencoder_class.__name__}) is already registered.'
+            )
     ADAPTERS[adapter.kind] = adapter
     return adapter
 
@@ -121,8 +122,10 @@ def adapter_for(module: nn.Module) -> AutoencoderAdapter:
         for adapter in ADAPTERS.values():
             if cls is adapter.autoencoder_class:
                 return adapter
-    raise TypeError(f'no autoencoder adapter for {type(module).__name__}; supported: {_supported()} '
-                    '(eqvae_composer.introspection.register_adapter adds one).')
+    raise TypeError(
+        f'no autoencoder adapter for {type(module).__name__}; supported: {_supported()} '
+        '(eqvae_composer.introspection.register_adapter adds one).'
+    )
 
 
 def adapter_of_kind(kind: str) -> AutoencoderAdapter:

@@ -139,8 +139,13 @@ class ModelConfig:
 # Settings that exist for one kind of autoencoder only: set away from their default for the other kind,
 # they would be ignored, so they are an error instead.
 _KIND_ONLY = {
-    AutoencoderKind.kl: ('loss.kl_weight', 'loss.logvar_init', 'loss.learn_logvar', 'eval_sample_posterior',
-                         'gradient_checkpointing'),  # diffusers' VQModel has no gradient checkpointing
+    AutoencoderKind.kl: (
+        'loss.kl_weight',
+        'loss.logvar_init',
+        'loss.learn_logvar',
+        'eval_sample_posterior',
+        'gradient_checkpointing',
+    ),  # diffusers' VQModel has no gradient checkpointing
     AutoencoderKind.vq: ('loss.codebook_weight',),
 }
 
@@ -267,8 +272,10 @@ def _check_kind_settings(cfg: ModelConfig) -> None:
             section, _, name = key.rpartition('.')
             value, default = (getattr(getattr(c, section) if section else c, name) for c in (cfg, defaults))
             if value != default:
-                raise ConfigError(f'model.{key} applies to model.kind {kind.value} only, and model.kind is '
-                                  f'{AutoencoderKind(cfg.kind).value}: remove it.')
+                raise ConfigError(
+                    f'model.{key} applies to model.kind {kind.value} only, and model.kind is '
+                    f'{AutoencoderKind(cfg.kind).value}: remove it.'
+                )
 
 
 def build_model(cfg: ModelConfig) -> GANAutoencoderModel:
@@ -281,14 +288,21 @@ def build_model(cfg: ModelConfig) -> GANAutoencoderModel:
     source = cfg.vae.pretrained if cfg.vae.pretrained is not None else architecture
     if source is None:
         raise ConfigError('model.vae needs either `pretrained` (path, file or hub id) or `config` (a dict).')
-    vae = load_autoencoder(source, subfolder=cfg.vae.subfolder, revision=cfg.vae.revision,
-                           config=architecture if cfg.vae.pretrained else None)
+    vae = load_autoencoder(
+        source,
+        subfolder=cfg.vae.subfolder,
+        revision=cfg.vae.revision,
+        config=architecture if cfg.vae.pretrained else None,
+    )
     if adapter_for(vae).kind != kind.value:
-        raise ConfigError(f'model.vae holds a {type(vae).__name__} (kind {adapter_for(vae).kind}) but model.kind is '
-                          f'{kind.value}: set model.kind: {adapter_for(vae).kind}.')
+        raise ConfigError(
+            f'model.vae holds a {type(vae).__name__} (kind {adapter_for(vae).kind}) but model.kind is '
+            f'{kind.value}: set model.kind: {adapter_for(vae).kind}.'
+        )
     other_kinds_keys = {key for other, keys in _KIND_ONLY.items() if other != kind for key in keys}
-    loss_kwargs = {k: v for k, v in vars(cfg.loss).items()
-                   if k != 'lpips_vgg_weights' and f'loss.{k}' not in other_kinds_keys}
+    loss_kwargs = {
+        k: v for k, v in vars(cfg.loss).items() if k != 'lpips_vgg_weights' and f'loss.{k}' not in other_kinds_keys
+    }
     lpips = load_lpips(cfg.loss.lpips_vgg_weights) if _needs_lpips(cfg) else None
     metrics = {} if cfg.eval_metrics is None else {'eval_metrics': cfg.eval_metrics}
     if kind == AutoencoderKind.vq:
@@ -378,22 +392,30 @@ def _check_paths(cfg: TrainConfig) -> None:
     if cfg.save_folder is not None:
         scheme = parse_uri(cfg.save_folder)[0]
         if scheme and scheme not in SAVE_SCHEMES:
-            raise ConfigError(f'save_folder {cfg.save_folder!r}: Composer cannot upload to {scheme}:// '
-                              f'(supported: {", ".join(SAVE_SCHEMES)}, or a local folder).')
+            raise ConfigError(
+                f'save_folder {cfg.save_folder!r}: Composer cannot upload to {scheme}:// '
+                f'(supported: {", ".join(SAVE_SCHEMES)}, or a local folder).'
+            )
         local = parse_uri(cfg.save_folder)[2] if scheme else cfg.save_folder
         if local and os.path.exists(local) and not os.path.isdir(local):
             raise ConfigError(f'save_folder {cfg.save_folder!r} is a file, not a folder.')
     if cfg.autoresume and (cfg.save_folder is None or not cfg.run_name):
-        raise ConfigError('autoresume needs save_folder (where it looks for the last checkpoint) and a fixed '
-                          'run_name (so a restarted run finds its own checkpoints).')
+        raise ConfigError(
+            'autoresume needs save_folder (where it looks for the last checkpoint) and a fixed '
+            'run_name (so a restarted run finds its own checkpoints).'
+        )
     if cfg.save_num_checkpoints_to_keep < -1:
-        raise ConfigError('save_num_checkpoints_to_keep must be -1 (keep all), 0 (none locally) or a positive '
-                          f'count, got {cfg.save_num_checkpoints_to_keep}.')
+        raise ConfigError(
+            'save_num_checkpoints_to_keep must be -1 (keep all), 0 (none locally) or a positive '
+            f'count, got {cfg.save_num_checkpoints_to_keep}.'
+        )
     if cfg.load_path is not None:
         scheme = parse_uri(cfg.load_path)[0]
         if scheme and scheme not in LOAD_SCHEMES:
-            raise ConfigError(f'load_path {cfg.load_path!r}: Composer cannot download from {scheme}:// '
-                              f'(supported: {", ".join(LOAD_SCHEMES)}, or a local file).')
+            raise ConfigError(
+                f'load_path {cfg.load_path!r}: Composer cannot download from {scheme}:// '
+                f'(supported: {", ".join(LOAD_SCHEMES)}, or a local file).'
+            )
         if not scheme and not os.path.exists(cfg.load_path):
             raise ConfigError(f'load_path {cfg.load_path!r} does not exist.')
 
@@ -467,12 +489,14 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     # one can meet the first one's teardown (a broken pipe).
     dist.initialize_dist(get_device(None))
     train_loader = build_image_dataloader(
-        batch_size=per_device_batch, **_loader_kwargs(cfg.train_loader, train=True, seed=cfg.seed),
+        batch_size=per_device_batch,
+        **_loader_kwargs(cfg.train_loader, train=True, seed=cfg.seed),
     )
     eval_loader = None
     if cfg.eval_loader is not None:
         eval_loader = build_image_dataloader(
-            batch_size=cfg.device_eval_batch_size, **_loader_kwargs(cfg.eval_loader, train=False, seed=cfg.seed),
+            batch_size=cfg.device_eval_batch_size,
+            **_loader_kwargs(cfg.eval_loader, train=False, seed=cfg.seed),
         )
     reproducibility.seed_all(cfg.seed)  # the model's initialisation is part of the run
     model = build_model(cfg.model)

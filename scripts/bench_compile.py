@@ -37,8 +37,11 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=1, help='CPU threads (see docs/BENCHMARKS.md)')
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--sizes', type=int, default=4, help='equivariance latent sizes to try after the first')
-    parser.add_argument('--backend', default='inductor',
-                        help="torch.compile's backend; 'eager' only traces, without generating code (a quick check)")
+    parser.add_argument(
+        '--backend',
+        default='inductor',
+        help="torch.compile's backend; 'eager' only traces, without generating code (a quick check)",
+    )
     args = parser.parse_args()
     if args.device == 'cpu':
         torch.set_num_threads(args.threads)
@@ -69,11 +72,16 @@ def main() -> None:
         for name, vae in (('eager', eager), ('compiled', compiled))[:: 1 if rep % 2 == 0 else -1]:
             times[name].append(step(vae))
     ratio = statistics.median(e / c for e, c in zip(times['eager'], times['compiled']))
-    print(json.dumps({
-        'eager_step_s': round(statistics.median(times['eager']), 4),
-        'compiled_step_s': round(statistics.median(times['compiled']), 4),
-        'speedup_compiled_over_eager': round(ratio, 3),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                'eager_step_s': round(statistics.median(times['eager']), 4),
+                'compiled_step_s': round(statistics.median(times['compiled']), 4),
+                'speedup_compiled_over_eager': round(ratio, 3),
+            }
+        ),
+        flush=True,
+    )
 
     latent = args.resolution // 8
     sizes = sorted({scaled_size((latent, latent), s, s) for s in GRID_SCALES} - {(latent, latent)}, reverse=True)
@@ -83,8 +91,9 @@ def main() -> None:
         try:
             compiled.decode(z).sample.mean().backward()
             sync(args.device)
-            print(json.dumps({'latent_size': size, 'first_decode_s': round(time.perf_counter() - start, 2)}),
-                  flush=True)
+            print(
+                json.dumps({'latent_size': size, 'first_decode_s': round(time.perf_counter() - start, 2)}), flush=True
+            )
         except Exception as exc:  # report what the compiler did, whatever it raised
             reason = traceback.format_exception_only(type(exc), exc)[-1].strip()
             print(json.dumps({'latent_size': size, 'failed': reason[:300]}), flush=True)

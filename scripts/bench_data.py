@@ -142,8 +142,12 @@ def streaming_parallel(in_root: str, out_root: str, processes: int, part_size: i
     filenames, classes = _streaming_listing(in_root)
     out = os.path.join(out_root, 'train')
     jobs = [
-        (filenames[start : start + part_size], classes[start : start + part_size], start,
-         os.path.join(out, f'part_{start // part_size:05d}'))
+        (
+            filenames[start : start + part_size],
+            classes[start : start + part_size],
+            start,
+            os.path.join(out, f'part_{start // part_size:05d}'),
+        )
         for start in range(0, len(filenames), part_size)
     ]
     with multiprocessing.Pool(processes) as pool:
@@ -253,8 +257,9 @@ def _read_inputs(in_root: str) -> None:
 
 
 def _ours(in_root: str, **options) -> Callable[[str], None]:
-    return lambda out: convert('imagenet', out, input=in_root, splits=['train'],
-                               options=ConvertOptions(progress=False, **options))
+    return lambda out: convert(
+        'imagenet', out, input=in_root, splits=['train'], options=ConvertOptions(progress=False, **options)
+    )
 
 
 def _ours_with_mdswriter(in_root: str, workers: int) -> Callable[[str], None]:
@@ -321,32 +326,44 @@ def conversion_report(times: dict[str, list[float]], count: int, workers: int) -
         ' per process, equal process counts (both sha1+xxh64):',
         row("streaming-1   streaming's loop, 1 process", 'streaming-1'),
         row('ours-1        convert_dataset.py library, 1 worker', 'ours-1', 'streaming-1'),
-        row(f"streaming-N   streaming's loop in {workers} processes over the same parts + merge_index",
-            'streaming-N'),
+        row(f"streaming-N   streaming's loop in {workers} processes over the same parts + merge_index", 'streaming-N'),
         row(f'ours-N        convert_dataset.py library, {workers} workers', 'ours-N', 'streaming-N'),
         ' each tool as shipped:',
         row('streaming-1   streaming.vision.convert.imagenet (1 process, its default sha1+xxh64)', 'streaming-1'),
-        row(f'ours-N        convert_dataset.py ({workers} workers = all cores), sha1+xxh64', 'ours-N',
-            'streaming-1'),
-        row(f'ours-defaults convert_dataset.py at its defaults ({workers} workers, no shard hashes)',
-            'ours-defaults', 'streaming-1'),
+        row(f'ours-N        convert_dataset.py ({workers} workers = all cores), sha1+xxh64', 'ours-N', 'streaming-1'),
+        row(
+            f'ours-defaults convert_dataset.py at its defaults ({workers} workers, no shard hashes)',
+            'ours-defaults',
+            'streaming-1',
+        ),
     ]
     if 'ours-N-mdswriter' in times:
-        lines.append(row("ours-N with streaming's MDSWriter instead of LeanMDSWriter (the writer's share)",
-                         'ours-N-mdswriter', 'streaming-1'))
+        lines.append(
+            row(
+                "ours-N with streaming's MDSWriter instead of LeanMDSWriter (the writer's share)",
+                'ours-N-mdswriter',
+                'streaming-1',
+            )
+        )
     return lines
 
 
 _PROFILE_GROUPS = (
     # (group, predicate on (file, function name)); the first match wins. Time is cProfile's own time per function.
-    ('writing shard files', lambda f, n: n in ("<method 'write' of '_io.BufferedWriter' objects>",
-                                               "<method 'writelines' of '_io._IOBase' objects>")),
+    (
+        'writing shard files',
+        lambda f, n: (
+            n in ("<method 'write' of '_io.BufferedWriter' objects>", "<method 'writelines' of '_io._IOBase' objects>")
+        ),
+    ),
     ('sha1', lambda f, n: 'sha1' in n or n == "<method 'update' of '_hashlib.HASH' objects>"),
     ('xxh64 (streaming: inside get_hash)', lambda f, n: 'xxh64' in n or n == 'get_hash'),
     ('reading input files', lambda f, n: n == "<method 'read' of '_io.BufferedReader' objects>"),
     ('opening files', lambda f, n: n == '<built-in method io.open>'),
-    ('copies (bytes joins and concatenations)', lambda f, n: n == "<method 'join' of 'bytes' objects>"
-     or n == 'encode_joint_shard'),
+    (
+        'copies (bytes joins and concatenations)',
+        lambda f, n: n == "<method 'join' of 'bytes' objects>" or n == 'encode_joint_shard',
+    ),
     ("PIL's header parse", lambda f, n: '/PIL/' in f),
 )
 
@@ -356,8 +373,10 @@ def conversion_profile(in_root: str, work: str) -> list[str]:
     import cProfile
     import pstats
 
-    lines = ['conversion profile, one process each, sha1+xxh64 (cProfile: share of own time; profiler overhead '
-             'inflates Python-level work)']
+    lines = [
+        'conversion profile, one process each, sha1+xxh64 (cProfile: share of own time; profiler overhead '
+        'inflates Python-level work)'
+    ]
     for name in ('streaming-1', 'ours-1'):
         run = conversion_contenders(in_root, 1)[name]
         out = os.path.join(work, f'profile-{name}')
@@ -372,8 +391,9 @@ def conversion_profile(in_root: str, work: str) -> list[str]:
             group = next((g for g, match in _PROFILE_GROUPS if match(file, function)), 'everything else')
             grouped[group] += entry[2]
         lines.append(f'  {name}: {total:.1f} s profiled')
-        lines += [f'    {group:<42s}{seconds:6.2f} s {100 * seconds / total:5.1f}%'
-                  for group, seconds in grouped.items()]
+        lines += [
+            f'    {group:<42s}{seconds:6.2f} s {100 * seconds / total:5.1f}%' for group, seconds in grouped.items()
+        ]
     return lines
 
 
@@ -394,10 +414,12 @@ def resize_report(in_root: str, count: int, reps: int) -> list[str]:
         if len(crops) == count:
             break
     contenders = {
-        'PIL Image.resize(bicubic, box)': lambda img, box: img.resize((RESOLUTION, RESOLUTION),
-                                                                      Image.Resampling.BICUBIC, box=box),
-        'ours (F.interpolate, uint8, antialias)': lambda img, box: decode_crop_resize(img, box, RESOLUTION,
-                                                                                      draft=False),
+        'PIL Image.resize(bicubic, box)': lambda img, box: img.resize(
+            (RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC, box=box
+        ),
+        'ours (F.interpolate, uint8, antialias)': lambda img, box: decode_crop_resize(
+            img, box, RESOLUTION, draft=False
+        ),
     }
     ms: dict[str, list[float]] = {name: [] for name in contenders}
     for rep in range(reps):
@@ -406,28 +428,39 @@ def resize_report(in_root: str, count: int, reps: int) -> list[str]:
             for img, box in crops:
                 contenders[name](img, box)
             ms[name].append((time.perf_counter() - start) / len(crops) * 1e3)
-    difference = np.concatenate([
-        np.abs(decode_crop_resize(img, box, RESOLUTION, draft=False).permute(1, 2, 0).numpy().astype(np.float64)
-               - np.asarray(img.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC, box=box))).ravel()
-        for img, box in crops
-    ])
+    difference = np.concatenate(
+        [
+            np.abs(
+                decode_crop_resize(img, box, RESOLUTION, draft=False).permute(1, 2, 0).numpy().astype(np.float64)
+                - np.asarray(img.resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC, box=box))
+            ).ravel()
+            for img, box in crops
+        ]
+    )
     base = np.array(ms['PIL Image.resize(bicubic, box)'])
-    lines = [f'crop resize to {RESOLUTION} px, {len(crops)} ImageNet-size crops (reference crop boxes), 1 thread, '
-             f'ms per crop (median over {reps} repetitions, alternating)']
+    lines = [
+        f'crop resize to {RESOLUTION} px, {len(crops)} ImageNet-size crops (reference crop boxes), 1 thread, '
+        f'ms per crop (median over {reps} repetitions, alternating)'
+    ]
     lines += [f'  {name:<40s}{np.median(t):7.2f} ms   x{np.median(base / np.array(t)):.2f}' for name, t in ms.items()]
-    lines.append(f'  mean |ours - PIL| {difference.mean():.4f} grey levels; 99.9% of pixels within '
-                 f'{np.quantile(difference, 0.999):.0f}')
+    lines.append(
+        f'  mean |ours - PIL| {difference.mean():.4f} grey levels; 99.9% of pixels within '
+        f'{np.quantile(difference, 0.999):.0f}'
+    )
     return lines
 
 
 def part_size_report(in_root: str, work: str, count: int, workers: int, sizes: list[int], reps: int) -> list[str]:
     """``convert()`` with ``workers`` workers (sha1+xxh64) at each part size, alternating."""
-    times = alternate({f'part_size={n}': _ours(in_root, hashes=HASHES, workers=workers, part_size=n)
-                       for n in sizes}, work, reps)
+    times = alternate(
+        {f'part_size={n}': _ours(in_root, hashes=HASHES, workers=workers, part_size=n) for n in sizes}, work, reps
+    )
     base = f'part_size={sizes[0]}'
     lines = [f'conversion by part size, {workers} workers, sha1+xxh64 (images/s, median over {reps} repetitions)']
-    lines += [f'  {name:<18s}{count / float(np.median(t)):7.0f}   x{_ratio(times, name, base):.2f} vs {base}'
-              for name, t in times.items()]
+    lines += [
+        f'  {name:<18s}{count / float(np.median(t)):7.0f}   x{_ratio(times, name, base):.2f} vs {base}'
+        for name, t in times.items()
+    ]
     return lines
 
 
@@ -447,18 +480,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--smoke', action='store_true', help='Tiny sizes: checks the script, numbers meaningless.')
     parser.add_argument('--images', type=int, default=4000, help='Images to generate. Default: 4000.')
-    parser.add_argument('--loader-images', type=int, default=300,
-                        help='Images per size class for the loader (and crops for --resize). Default: 300.')
+    parser.add_argument(
+        '--loader-images',
+        type=int,
+        default=300,
+        help='Images per size class for the loader (and crops for --resize). Default: 300.',
+    )
     parser.add_argument('--workdir', help='Where to generate (kept). Default: a temporary folder (deleted).')
     parser.add_argument('--reps', type=int, default=3, help='Repetitions, contenders alternating.')
-    parser.add_argument('--writer-share', action='store_true',
-                        help="Also convert with streaming's MDSWriter in place of LeanMDSWriter.")
-    parser.add_argument('--profile', action='store_true',
-                        help='Only profile a one-process conversion by each tool (cProfile), then exit.')
-    parser.add_argument('--part-sizes', type=int, nargs='+', metavar='N',
-                        help='Only time convert() at these part sizes (all cores, sha1+xxh64), then exit.')
-    parser.add_argument('--resize', action='store_true',
-                        help="Only time the loader's crop resize against PIL's on decoded crops, then exit.")
+    parser.add_argument(
+        '--writer-share', action='store_true', help="Also convert with streaming's MDSWriter in place of LeanMDSWriter."
+    )
+    parser.add_argument(
+        '--profile',
+        action='store_true',
+        help='Only profile a one-process conversion by each tool (cProfile), then exit.',
+    )
+    parser.add_argument(
+        '--part-sizes',
+        type=int,
+        nargs='+',
+        metavar='N',
+        help='Only time convert() at these part sizes (all cores, sha1+xxh64), then exit.',
+    )
+    parser.add_argument(
+        '--resize',
+        action='store_true',
+        help="Only time the loader's crop resize against PIL's on decoded crops, then exit.",
+    )
     args = parser.parse_args()
     load_start = _load()
     count, per_kind = (80, 10) if args.smoke else (args.images, args.loader_images)

@@ -45,10 +45,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     vae = load_autoencoder(config)
     dataset = _RandomImages(args.num_images, args.resolution)
     metrics = args.metrics.split(',')
-    evaluate(vae, dataset, metrics, EvalProtocol(args.resolution), num_images=args.batch_size,
-             batch_size=args.batch_size, device=args.device, progress=False)  # warm-up
-    result = evaluate(vae, dataset, metrics, EvalProtocol(args.resolution), batch_size=args.batch_size,
-                      device=args.device, progress=False)
+    evaluate(
+        vae,
+        dataset,
+        metrics,
+        EvalProtocol(args.resolution),
+        num_images=args.batch_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=False,
+    )  # warm-up
+    result = evaluate(
+        vae,
+        dataset,
+        metrics,
+        EvalProtocol(args.resolution),
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=False,
+    )
     summary = {
         'images_per_second': result['images_per_second'],
         'resolution': args.resolution,

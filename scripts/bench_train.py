@@ -50,10 +50,28 @@ from eqvae_composer.benchmarks.workload import BenchConfig, random_lpips, sd_vae
 
 
 def _memory_in_subprocess(name: str, cfg: BenchConfig, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', name, '--resolutions', str(cfg.resolution),
-           '--batch-size', str(cfg.batch_size), '--width', str(cfg.width), '--layers-per-block',
-           str(cfg.layers_per_block), '--disc-filters', str(cfg.disc_filters), '--disc-layers', str(cfg.disc_layers),
-           '--device', cfg.device, '--threads', str(args.threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        '--memory-child',
+        name,
+        '--resolutions',
+        str(cfg.resolution),
+        '--batch-size',
+        str(cfg.batch_size),
+        '--width',
+        str(cfg.width),
+        '--layers-per-block',
+        str(cfg.layers_per_block),
+        '--disc-filters',
+        str(cfg.disc_filters),
+        '--disc-layers',
+        str(cfg.disc_layers),
+        '--device',
+        cfg.device,
+        '--threads',
+        str(args.threads),
+    ]
     cmd += ['--no-lpips'] if not cfg.lpips else []
     cmd += ['--channels-last'] if cfg.channels_last else []
     cmd += ['--adam-kernel', cfg.adam_kernel]
@@ -90,13 +108,15 @@ def _environment(device: str) -> dict[str, Any]:
 
 def _print_table(result: dict[str, Any], memory: dict[str, Any] | None) -> None:
     median = result['median_images_per_second']
-    print(f"{'contender':<18}{'images/s (median)':>20}{'peak MiB':>12}")
+    print(f'{"contender":<18}{"images/s (median)":>20}{"peak MiB":>12}')
     for name, value in median.items():
-        mem = f"{memory[name]['peak_mib']:.0f}" if memory and name in memory else '-'
+        mem = f'{memory[name]["peak_mib"]:.0f}' if memory and name in memory else '-'
         print(f'{name:<18}{value:>20.3f}{mem:>12}')
     kernel = result.get('adam_kernel', 'fused')
-    notes = {'ours/reference': f'equal Adam kernels ({kernel})',
-             'ours/reference_shipped': f'as shipped: ours {kernel} Adam, the reference torch.optim.Adam()'}
+    notes = {
+        'ours/reference': f'equal Adam kernels ({kernel})',
+        'ours/reference_shipped': f'as shipped: ours {kernel} Adam, the reference torch.optim.Adam()',
+    }
     for a, b, target, _ in TARGETS:
         key = f'{a}/{b}'
         if key in result['ratios']:
@@ -106,18 +126,27 @@ def _print_table(result: dict[str, Any], memory: dict[str, Any] | None) -> None:
             print(f'{key:<24} {ratio:6.3f}x{verdict}{note}')
     if memory and 'ours' in memory and 'reference' in memory:
         ours, ref = memory['ours']['peak_mib'], memory['reference']['peak_mib']
-        print(f"{'peak memory ours/ref':<24} {ours / ref:6.3f}   (target <= 1: {'met' if ours <= ref else 'MISSED'})")
+        print(f'{"peak memory ours/ref":<24} {ours / ref:6.3f}   (target <= 1: {"met" if ours <= ref else "MISSED"})')
     if memory and 'ours' in memory and 'ours_ckpt' in memory:
-        print(f"{'peak memory ours_ckpt/ours':<24} {memory['ours_ckpt']['peak_mib'] / memory['ours']['peak_mib']:6.3f}")
+        print(f'{"peak memory ours_ckpt/ours":<24} {memory["ours_ckpt"]["peak_mib"] / memory["ours"]["peak_mib"]:6.3f}')
 
 
 # --- entry point ---------------------------------------------------------------------------------------
 
+
 def _config(args: argparse.Namespace, resolution: int) -> BenchConfig:
-    return BenchConfig(width=args.width, layers_per_block=args.layers_per_block, disc_filters=args.disc_filters,
-                       disc_layers=args.disc_layers, batch_size=args.batch_size, resolution=resolution,
-                       lpips=not args.no_lpips, channels_last=args.channels_last, adam_kernel=args.adam_kernel,
-                       device=args.device)
+    return BenchConfig(
+        width=args.width,
+        layers_per_block=args.layers_per_block,
+        disc_filters=args.disc_filters,
+        disc_layers=args.disc_layers,
+        batch_size=args.batch_size,
+        resolution=resolution,
+        lpips=not args.no_lpips,
+        channels_last=args.channels_last,
+        adam_kernel=args.adam_kernel,
+        device=args.device,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -128,28 +157,47 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--warmup', type=int, default=1, help='untimed steps per contender first')
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--width', type=int, default=16, help="base width (SD-VAE's is 128)")
-    parser.add_argument('--threads', type=int, default=1,
-                        help='CPU threads (default 1: on a shared, oversubscribed machine, two OpenMP threads '
-                             'waiting on each other at every barrier make timings erratic)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='CPU threads (default 1: on a shared, oversubscribed machine, two OpenMP threads '
+        'waiting on each other at every barrier make timings erratic)',
+    )
     parser.add_argument('--layers-per-block', type=int, default=2)
     parser.add_argument('--disc-filters', type=int, default=64)
     parser.add_argument('--disc-layers', type=int, default=3)
-    parser.add_argument('--contenders', nargs='+', default=list(DEFAULT_CONTENDERS), choices=CONTENDERS,
-                        help='ours_ckpt: ours with gradient checkpointing (not run by default)')
+    parser.add_argument(
+        '--contenders',
+        nargs='+',
+        default=list(DEFAULT_CONTENDERS),
+        choices=CONTENDERS,
+        help='ours_ckpt: ours with gradient checkpointing (not run by default)',
+    )
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--no-lpips', action='store_true', help='drop the perceptual term (faster, less faithful)')
     parser.add_argument('--channels-last', action='store_true', help='every contender in channels_last')
-    parser.add_argument('--adam-kernel', choices=ADAM_KERNELS, default='fused',
-                        help="every contender's Adam kernel (reference_shipped always PyTorch's default): fused "
-                             "(train.py's), or default (torch.optim.Adam's choice). Default: fused")
-    parser.add_argument('--reference-bf16', action='store_true',
-                        help='on CUDA, run the reference under bf16 autocast too (default: fp32, as the reference)')
+    parser.add_argument(
+        '--adam-kernel',
+        choices=ADAM_KERNELS,
+        default='fused',
+        help="every contender's Adam kernel (reference_shipped always PyTorch's default): fused "
+        "(train.py's), or default (torch.optim.Adam's choice). Default: fused",
+    )
+    parser.add_argument(
+        '--reference-bf16',
+        action='store_true',
+        help='on CUDA, run the reference under bf16 autocast too (default: fp32, as the reference)',
+    )
     parser.add_argument('--memory', choices=('subprocess', 'none'), default='subprocess')
     parser.add_argument('--smoke', action='store_true', help='tiny and fast, for CI: checks that everything runs')
     parser.add_argument('--flops', action='store_true', help='print the FLOP count of an SD-VAE step and exit')
     parser.add_argument('--adam', action='store_true', help="time Adam's kernels on the model's parameters and exit")
-    parser.add_argument('--profile', action='store_true',
-                        help="profile full-resolution PlainLoop steps (torch.profiler, first resolution) and exit")
+    parser.add_argument(
+        '--profile',
+        action='store_true',
+        help='profile full-resolution PlainLoop steps (torch.profiler, first resolution) and exit',
+    )
     parser.add_argument('--json', help='also write the results here')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -184,16 +232,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = _environment(args.device)
     print(json.dumps(env))
     if lpips_net is not None:
-        print('LPIPS: lpips.LPIPS(net="vgg") with a RANDOM VGG16 (real weights are offline-unavailable); '
-              'same FLOPs, meaningless values.')
+        print(
+            'LPIPS: lpips.LPIPS(net="vgg") with a RANDOM VGG16 (real weights are offline-unavailable); '
+            'same FLOPs, meaningless values.'
+        )
     results: dict[str, Any] = {'environment': env, 'args': vars(args), 'resolutions': {}}
     for resolution in args.resolutions:
         cfg = _config(args, resolution)
-        print(f'== {resolution} px: batch {cfg.batch_size}, SD-VAE layout at width {cfg.width} '
-              f'(block_out_channels {sd_vae_config(cfg.width)["block_out_channels"]}), '
-              f'{args.reps} reps x {args.steps} steps (+{args.warmup} warm-up) per contender')
-        result = bench_resolution(cfg, args.reps, args.steps, args.warmup, args.contenders, lpips_net,
-                                  args.reference_bf16)
+        print(
+            f'== {resolution} px: batch {cfg.batch_size}, SD-VAE layout at width {cfg.width} '
+            f'(block_out_channels {sd_vae_config(cfg.width)["block_out_channels"]}), '
+            f'{args.reps} reps x {args.steps} steps (+{args.warmup} warm-up) per contender'
+        )
+        result = bench_resolution(
+            cfg, args.reps, args.steps, args.warmup, args.contenders, lpips_net, args.reference_bf16
+        )
         memory = None
         if args.memory == 'subprocess':
             memory = {name: _memory_in_subprocess(name, cfg, args) for name in args.contenders}

@@ -45,12 +45,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--subfolder', default=None, help="subfolder of --vae, e.g. 'vae'")
     parser.add_argument('--data', required=True, help='MDS folder/URL (with index.json) or an image folder')
     parser.add_argument('--out', required=True, help='results JSON')
-    parser.add_argument('--protocol', choices=PROTOCOLS, default='default',
-                        help="'reference': the reference eval.py's preprocessing, sharding, quantization and "
-                        'averaging, and pytorch-fid (image folders with class subfolders only)')
-    parser.add_argument('--metrics', default=None,
-                        help=f'comma list from {",".join(ALL_METRICS)} (default: {",".join(DEFAULT_METRICS)}; '
-                        f'with --protocol reference {",".join(REFERENCE_METRICS)}, all it can measure)')
+    parser.add_argument(
+        '--protocol',
+        choices=PROTOCOLS,
+        default='default',
+        help="'reference': the reference eval.py's preprocessing, sharding, quantization and "
+        'averaging, and pytorch-fid (image folders with class subfolders only)',
+    )
+    parser.add_argument(
+        '--metrics',
+        default=None,
+        help=f'comma list from {",".join(ALL_METRICS)} (default: {",".join(DEFAULT_METRICS)}; '
+        f'with --protocol reference {",".join(REFERENCE_METRICS)}, all it can measure)',
+    )
     parser.add_argument('--num-images', type=int, default=None, help='first N images (default: all)')
     parser.add_argument('--batch-size', type=int, default=16, help='per process')
     parser.add_argument('--resolution', type=int, default=256)
@@ -58,16 +65,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     latent.add_argument('--sample', dest='sample', action='store_true', default=True, help='z ~ q(z|x) (default)')
     latent.add_argument('--mode', dest='sample', action='store_false', help='z = mode of q(z|x)')
     parser.add_argument('--seed', type=int, default=0, help='seeds the per-image posterior noise')
-    parser.add_argument('--inception-weights', default=None,
-                        help='Inception weight file or folder (rFID): torch-fidelity\'s, or pytorch-fid\'s '
-                        'with --protocol reference')
+    parser.add_argument(
+        '--inception-weights',
+        default=None,
+        help="Inception weight file or folder (rFID): torch-fidelity's, or pytorch-fid's with --protocol reference",
+    )
     parser.add_argument('--lpips-weights', default=None, help='VGG16 weight file or folder (LPIPS)')
     parser.add_argument('--device', default=None, help="'cpu' or 'gpu' (default: gpu when available)")
     parser.add_argument('--num-workers', type=int, default=0)
     parser.add_argument('--no-progress', action='store_true')
-    parser.add_argument('--save-images', default=None, metavar='DIR',
-                        help='with --protocol reference: also write its PNG folders DIR/ref_images and '
-                        'DIR/decoded_images')
+    parser.add_argument(
+        '--save-images',
+        default=None,
+        metavar='DIR',
+        help='with --protocol reference: also write its PNG folders DIR/ref_images and DIR/decoded_images',
+    )
     return parser.parse_args(argv)
 
 
@@ -82,8 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     known = REFERENCE_METRICS if reference else ALL_METRICS
     unknown = sorted(set(metrics) - set(known))
     if unknown:
-        print(f'error: metrics {unknown} are not in --protocol {args.protocol}; choose from {",".join(known)}',
-              file=sys.stderr)
+        print(
+            f'error: metrics {unknown} are not in --protocol {args.protocol}; choose from {",".join(known)}',
+            file=sys.stderr,
+        )
         return 2
     # Weights first: a missing file must stop the run before the VAE and data are loaded.
     try:
@@ -102,9 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = build_eval_dataset(args.data, args.resolution, protocol=args.protocol)
     protocol = EvalProtocol(args.resolution, sample_posterior=args.sample, seed=args.seed, name=args.protocol)
     results = evaluate(
-        vae, dataset, metrics, protocol, num_images=args.num_images, batch_size=args.batch_size,
-        inception=inception, lpips_net=lpips_net, device=torch_device, num_workers=args.num_workers,
-        progress=not args.no_progress, image_dir=args.save_images,
+        vae,
+        dataset,
+        metrics,
+        protocol,
+        num_images=args.num_images,
+        batch_size=args.batch_size,
+        inception=inception,
+        lpips_net=lpips_net,
+        device=torch_device,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+        image_dir=args.save_images,
     )
     if dist.get_global_rank() == 0:
         results = {'vae': str(args.vae), 'data': str(args.data), **results}

@@ -28,17 +28,26 @@ from eqvae_composer.cli import run_cli
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--checkpoint', required=True, help='Composer checkpoint (file or sharded folder), LDM file, '
-                        'diffusers folder or hub id')
+    parser.add_argument(
+        '--checkpoint',
+        required=True,
+        help='Composer checkpoint (file or sharded folder), LDM file, diffusers folder or hub id',
+    )
     parser.add_argument('--out', help='diffusers folder to write (config.json + safetensors)')
     parser.add_argument('--ldm', help='LDM-format file to write: .ckpt ({"state_dict": ...}) or .safetensors')
     parser.add_argument('--ldm-prefix', action='store_true', help='prefix LDM keys with first_stage_model.')
     parser.add_argument('--raw', action='store_true', help='export the raw training weights, not the EMA ones')
-    parser.add_argument('--config', help='architecture: diffusers folder, config.json or hub id (default: recorded '
-                        'in the Composer checkpoint, else the SD-VAE config)')
+    parser.add_argument(
+        '--config',
+        help='architecture: diffusers folder, config.json or hub id (default: recorded '
+        'in the Composer checkpoint, else the SD-VAE config)',
+    )
     parser.add_argument('--subfolder', help='subfolder of --checkpoint or --config, e.g. vae')
-    parser.add_argument('--latent-stats', metavar='DATA', help='MDS or image folder: measure the latent scale and '
-                        'write scaling_factor/shift_factor into --out')
+    parser.add_argument(
+        '--latent-stats',
+        metavar='DATA',
+        help='MDS or image folder: measure the latent scale and write scaling_factor/shift_factor into --out',
+    )
     parser.add_argument('--num-images', type=int, default=1000, help='images for --latent-stats (default: 1000)')
     parser.add_argument('--resolution', type=int, default=256, help='image side for --latent-stats (default: 256)')
     args = parser.parse_args(argv)

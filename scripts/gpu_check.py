@@ -60,21 +60,55 @@ class Mode:
 
 # The time limits add up to 450 s (the flops step runs alongside the others); wheels take ~15 s more.
 DEVICE = Mode(
-    name='device', device='cuda',
-    train_args=['--width', '128', '--resolutions', '256', '--batch-size', '16', '--reps', '5', '--steps', '5',
-                '--warmup', '2'],
+    name='device',
+    device='cuda',
+    train_args=[
+        '--width',
+        '128',
+        '--resolutions',
+        '256',
+        '--batch-size',
+        '16',
+        '--reps',
+        '5',
+        '--steps',
+        '5',
+        '--warmup',
+        '2',
+    ],
     compile_args=['--width', '128', '--resolution', '256', '--batch-size', '16', '--reps', '5', '--sizes', '2'],
-    flops_resolution=256, matmul_size=8192,
+    flops_resolution=256,
+    matmul_size=8192,
     limits={'cuda_tests': 150, 'bench_train': 170, 'bench_compile': 110, 'flops': 400},
 )
 DRY = Mode(
-    name='dry', device='cpu',
-    train_args=['--width', '8', '--layers-per-block', '1', '--disc-filters', '8', '--disc-layers', '2',
-                '--resolutions', '64', '--batch-size', '1', '--reps', '1', '--steps', '1', '--warmup', '1',
-                '--no-lpips'],
+    name='dry',
+    device='cpu',
+    train_args=[
+        '--width',
+        '8',
+        '--layers-per-block',
+        '1',
+        '--disc-filters',
+        '8',
+        '--disc-layers',
+        '2',
+        '--resolutions',
+        '64',
+        '--batch-size',
+        '1',
+        '--reps',
+        '1',
+        '--steps',
+        '1',
+        '--warmup',
+        '1',
+        '--no-lpips',
+    ],
     # eager: dynamo's tracing without inductor's code generation, which takes minutes on a small CPU
     compile_args=['--width', '8', '--resolution', '32', '--reps', '1', '--sizes', '1', '--backend', 'eager'],
-    flops_resolution=128, matmul_size=256,
+    flops_resolution=128,
+    matmul_size=256,
     limits={'cuda_tests': 300, 'bench_train': 600, 'bench_compile': 600, 'flops': 900},
 )
 CONTENDERS = ['ours', 'reference', 'ours_eq_off']
@@ -100,8 +134,9 @@ class Step:
             log.write('$ ' + ' '.join(self.command) + '\n')
             log.flush()
             # A session of its own: on timeout the whole group goes (the composer launcher's ranks too).
-            self.process = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait(self) -> None:
         assert self.process is not None
@@ -115,41 +150,87 @@ class Step:
         self.seconds = round(time.monotonic() - self.started, 1)
 
     def record(self) -> dict[str, Any]:
-        return {'command': self.command, 'rc': self.rc, 'seconds': self.seconds, 'timed_out': self.timed_out,
-                'limit_s': self.limit, 'log': self.log}
+        return {
+            'command': self.command,
+            'rc': self.rc,
+            'seconds': self.seconds,
+            'timed_out': self.timed_out,
+            'limit_s': self.limit,
+            'log': self.log,
+        }
 
 
 def build_steps(mode: Mode, out: Path) -> dict[str, Step]:
     py = sys.executable
     bench_train = [py, str(SCRIPTS / 'bench_train.py')]
     return {
-        'flops': Step('flops', bench_train + ['--flops', '--resolutions', str(mode.flops_resolution)],
-                      'flops.log', mode.limits['flops']),
-        'cuda_tests': Step('cuda_tests', [py, '-m', 'pytest', 'tests/test_cuda.py', '-q', '-rfEs', '-p',
-                                          'no:cacheprovider', f'--junitxml={out / "tests.xml"}'],
-                           'tests.log', mode.limits['cuda_tests']),
-        'bench_train': Step('bench_train', bench_train + ['--device', mode.device, *mode.train_args, '--contenders',
-                                                          *CONTENDERS, '--reference-bf16',
-                                                          '--json', str(out / 'bench_train.json')],
-                            'bench_train.log', mode.limits['bench_train']),
-        'bench_compile': Step('bench_compile', [py, str(SCRIPTS / 'bench_compile.py'), '--device', mode.device,
-                                                *mode.compile_args], 'bench_compile.log', mode.limits['bench_compile']),
+        'flops': Step(
+            'flops',
+            bench_train + ['--flops', '--resolutions', str(mode.flops_resolution)],
+            'flops.log',
+            mode.limits['flops'],
+        ),
+        'cuda_tests': Step(
+            'cuda_tests',
+            [
+                py,
+                '-m',
+                'pytest',
+                'tests/test_cuda.py',
+                '-q',
+                '-rfEs',
+                '-p',
+                'no:cacheprovider',
+                f'--junitxml={out / "tests.xml"}',
+            ],
+            'tests.log',
+            mode.limits['cuda_tests'],
+        ),
+        'bench_train': Step(
+            'bench_train',
+            bench_train
+            + [
+                '--device',
+                mode.device,
+                *mode.train_args,
+                '--contenders',
+                *CONTENDERS,
+                '--reference-bf16',
+                '--json',
+                str(out / 'bench_train.json'),
+            ],
+            'bench_train.log',
+            mode.limits['bench_train'],
+        ),
+        'bench_compile': Step(
+            'bench_compile',
+            [py, str(SCRIPTS / 'bench_compile.py'), '--device', mode.device, *mode.compile_args],
+            'bench_compile.log',
+            mode.limits['bench_compile'],
+        ),
     }
 
 
 def run_steps(steps: dict[str, Step], out: Path) -> None:
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1',
-           'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')]))}
+    env = {
+        **os.environ,
+        'PYTHONUNBUFFERED': '1',
+        'PYTHONPATH': os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])),
+    }
     steps['flops'].start(out, env)  # CPU only: alongside the GPU steps, which leave the host's cores idle
     for name in ('cuda_tests', 'bench_train', 'bench_compile'):
         steps[name].start(out, env)
         steps[name].wait()
-        print(f'gpu_check: {name} rc={steps[name].rc} in {steps[name].seconds} s'
-              + (' (time limit)' if steps[name].timed_out else ''), flush=True)
+        print(
+            f'gpu_check: {name} rc={steps[name].rc} in {steps[name].seconds} s'
+            + (' (time limit)' if steps[name].timed_out else ''),
+            flush=True,
+        )
     steps['flops'].wait()
 
 
 # --- reading the steps' output ---------------------------------------------------------------------------
+
 
 def read_tests(path: Path) -> dict[str, Any]:
     """Counts and failing test ids from pytest's JUnit XML."""
@@ -184,7 +265,7 @@ def read_flops(path: Path) -> dict[str, float] | None:
     text = path.read_text() if path.exists() else ''
     start = text.rfind('\n{')
     try:
-        return json.loads(text[start + 1:]) if start >= 0 else None
+        return json.loads(text[start + 1 :]) if start >= 0 else None
     except json.JSONDecodeError:
         return None
 
@@ -208,8 +289,11 @@ def read_train(path: Path, flops: dict[str, float] | None, matmul_tflops: float 
         'environment': bench['environment'],
     }
     ratio = result['ratios'].get('ours/reference')
-    summary['ours_over_reference'] = {'value': ratio, 'target': TARGET_RATIO,
-                                      'met': None if ratio is None else ratio >= TARGET_RATIO}
+    summary['ours_over_reference'] = {
+        'value': ratio,
+        'target': TARGET_RATIO,
+        'met': None if ratio is None else ratio >= TARGET_RATIO,
+    }
     if flops and 'ours' in ips:
         # ours' FLOPs per image over EQ-VAE's branch mix (bench_train --flops counts the real SD-VAE,
         # width 128): the rate it would reach at the bound, against the rate it reached
@@ -218,7 +302,8 @@ def read_train(path: Path, flops: dict[str, float] | None, matmul_tflops: float 
         summary['flop_fraction'] = {
             'of_nominal_bf16': achieved / NOMINAL_BF16_TFLOPS,
             'of_measured_matmul': achieved / matmul_tflops if matmul_tflops else None,
-            'nominal_tflops': NOMINAL_BF16_TFLOPS, 'measured_matmul_tflops': matmul_tflops,
+            'nominal_tflops': NOMINAL_BF16_TFLOPS,
+            'measured_matmul_tflops': matmul_tflops,
             'target': TARGET_FLOP_FRACTION,
             'met': achieved / NOMINAL_BF16_TFLOPS >= TARGET_FLOP_FRACTION,
             'valid': bench['args']['width'] == 128,  # the FLOP count is of the width-128 SD-VAE
@@ -281,59 +366,86 @@ def environment(device: str) -> dict[str, Any]:
 
 # --- the report -------------------------------------------------------------------------------------------
 
+
 def _fmt(value: Any, spec: str = '.3f') -> str:
     return '-' if value is None else format(value, spec)
 
 
 def markdown(report: dict[str, Any]) -> str:
     env = report['environment']
-    lines = [f'# gpu_check ({report["mode"]}): {"OK" if report["ok"] else "FAILED"}', '',
-             f'{report["started"]}, {report["seconds"]} s; torch {env.get("torch")}, CUDA {env.get("cuda")}, '
-             f'GPU {env.get("gpu")}, Python {env.get("python")}; wheels: {env.get("wheels")}', '',
-             '| step | exit | seconds | limit |', '|---|---|---|---|']
+    lines = [
+        f'# gpu_check ({report["mode"]}): {"OK" if report["ok"] else "FAILED"}',
+        '',
+        f'{report["started"]}, {report["seconds"]} s; torch {env.get("torch")}, CUDA {env.get("cuda")}, '
+        f'GPU {env.get("gpu")}, Python {env.get("python")}; wheels: {env.get("wheels")}',
+        '',
+        '| step | exit | seconds | limit |',
+        '|---|---|---|---|',
+    ]
     if report['mode'] == 'dry':
-        lines[4:4] = ['Dry run: tiny sizes on the CPU. It checks that every step runs and reports; its figures measure '
-                      'nothing.', '']
+        lines[4:4] = [
+            'Dry run: tiny sizes on the CPU. It checks that every step runs and reports; its figures measure nothing.',
+            '',
+        ]
     for name, step in report['steps'].items():
         rc = 'time limit' if step['timed_out'] else step['rc']
         lines.append(f'| {name} | {rc} | {step["seconds"]} | {step["limit_s"]} |')
     tests = report['cuda_tests']
-    lines += ['', f'CUDA tests: {tests["passed"]} passed, {tests["failed"]} failed, {tests["errors"]} errors, '
-              f'{tests["skipped"]} skipped']
+    lines += [
+        '',
+        f'CUDA tests: {tests["passed"]} passed, {tests["failed"]} failed, {tests["errors"]} errors, '
+        f'{tests["skipped"]} skipped',
+    ]
     lines += [f'- failed: `{name}`' for name in tests['failures']]
     train = report['train']
     if train:
-        lines += ['', f'Training step ({train["resolution"]} px, batch {train["batch_size"]}, width {train["width"]}, '
-                  f'Adam kernel {train["adam_kernel"]} on both sides, reference in bf16: {train["reference_bf16"]}):',
-                  '', '| contender | images/s | peak MiB |', '|---|---|---|']
+        lines += [
+            '',
+            f'Training step ({train["resolution"]} px, batch {train["batch_size"]}, width {train["width"]}, '
+            f'Adam kernel {train["adam_kernel"]} on both sides, reference in bf16: {train["reference_bf16"]}):',
+            '',
+            '| contender | images/s | peak MiB |',
+            '|---|---|---|',
+        ]
         for name, ips in train['images_per_second'].items():
             lines.append(f'| {name} | {ips:.2f} | {_fmt(train["peak_mib"].get(name), ".0f")} |')
         ours_ref = train['ours_over_reference']
-        lines += ['', f'ours/reference {_fmt(ours_ref["value"])}x (target >= {ours_ref["target"]}x: '
-                  f'{ {True: "met", False: "MISSED", None: "-"}[ours_ref["met"]] })']
+        lines += [
+            '',
+            f'ours/reference {_fmt(ours_ref["value"])}x (target >= {ours_ref["target"]}x: '
+            f'{ {True: "met", False: "MISSED", None: "-"}[ours_ref["met"]] })',
+        ]
         fraction = train.get('flop_fraction')
         if fraction:
             note = '' if fraction['valid'] else ' (not the width-128 model: the fraction is meaningless)'
-            lines.append(f'ours {train["ours_tflops"]:.1f} TFLOP/s = {fraction["of_nominal_bf16"]:.1%} of '
-                         f'{fraction["nominal_tflops"]:.0f} nominal bf16, '
-                         f'{_fmt(fraction["of_measured_matmul"], ".1%")} of the measured matmul '
-                         f'({_fmt(fraction["measured_matmul_tflops"], ".3g")} TFLOP/s); target >= '
-                         f'{fraction["target"]:.0%}: {"met" if fraction["met"] else "MISSED"}{note}')
+            lines.append(
+                f'ours {train["ours_tflops"]:.1f} TFLOP/s = {fraction["of_nominal_bf16"]:.1%} of '
+                f'{fraction["nominal_tflops"]:.0f} nominal bf16, '
+                f'{_fmt(fraction["of_measured_matmul"], ".1%")} of the measured matmul '
+                f'({_fmt(fraction["measured_matmul_tflops"], ".3g")} TFLOP/s); target >= '
+                f'{fraction["target"]:.0%}: {"met" if fraction["met"] else "MISSED"}{note}'
+            )
     compiled = report['compile']
-    lines += ['', f'torch.compile: first step {compiled.get("first_compiled_step_s", "-")} s, eager '
-              f'{compiled.get("eager_step_s", "-")} s vs compiled {compiled.get("compiled_step_s", "-")} s per step '
-              f'(speedup {compiled.get("speedup_compiled_over_eager", "-")}x); recompiles: '
-              + (', '.join(f'{r["latent_size"]}: {r.get("first_decode_s", r.get("failed"))}'
-                           for r in compiled['recompiles']) or '-')
-              + f'; pays: {compiled["pays"]}']
+    lines += [
+        '',
+        f'torch.compile: first step {compiled.get("first_compiled_step_s", "-")} s, eager '
+        f'{compiled.get("eager_step_s", "-")} s vs compiled {compiled.get("compiled_step_s", "-")} s per step '
+        f'(speedup {compiled.get("speedup_compiled_over_eager", "-")}x); recompiles: '
+        + (
+            ', '.join(f'{r["latent_size"]}: {r.get("first_decode_s", r.get("failed"))}' for r in compiled['recompiles'])
+            or '-'
+        )
+        + f'; pays: {compiled["pays"]}',
+    ]
     return '\n'.join(lines) + '\n'
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--dry', action='store_true', help='CPU, tiny sizes: checks that every step runs')
-    parser.add_argument('--out', default=os.environ.get('OUT') or 'gpu_check_out', help='default: $OUT, else '
-                        './gpu_check_out')
+    parser.add_argument(
+        '--out', default=os.environ.get('OUT') or 'gpu_check_out', help='default: $OUT, else ./gpu_check_out'
+    )
     args = parser.parse_args(argv)
     mode = DRY if args.dry else DEVICE
     out = Path(args.out).resolve()
@@ -355,8 +467,12 @@ def main(argv: list[str] | None = None) -> int:
         'train': read_train(out / 'bench_train.json', flops, matmul),
         'compile': read_compile(out / steps['bench_compile'].log),
     }
-    report['ok'] = (all(s.rc == 0 for s in steps.values()) and report['cuda_tests']['failed'] == 0
-                    and report['cuda_tests']['errors'] == 0 and not report['cuda_tests'].get('missing'))
+    report['ok'] = (
+        all(s.rc == 0 for s in steps.values())
+        and report['cuda_tests']['failed'] == 0
+        and report['cuda_tests']['errors'] == 0
+        and not report['cuda_tests'].get('missing')
+    )
     report['seconds'] = round(time.monotonic() - start, 1)
     (out / 'gpu_check.json').write_text(json.dumps(report, indent=1))
     (out / 'gpu_check.md').write_text(markdown(report))

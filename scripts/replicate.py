@@ -128,8 +128,10 @@ def run_stage(plan: Plan, stage: str, data: str, out: str, base_vae: str | None 
     if os.path.isfile(os.path.join(export, 'config.json')):
         print(f'[{stage}] done already: {export}', flush=True)
         return export, float(open(seconds_file).read()) if os.path.isfile(seconds_file) else 0.0
-    print(f'[{stage}] training {cfg["max_duration"]} (resumes from {cfg["save_folder"]} if it has checkpoints)',
-          flush=True)
+    print(
+        f'[{stage}] training {cfg["max_duration"]} (resumes from {cfg["save_folder"]} if it has checkpoints)',
+        flush=True,
+    )
     start = time.perf_counter()
     trainer = train(cfg)
     trainer.close()
@@ -151,7 +153,12 @@ def checkpoints(out: str, stage: str) -> dict[int, str]:
 
 
 def cached_eval(
-    path: str, source: str, dataset: Any, metrics: Sequence[str], protocol: EvalProtocol, num_images: int | None,
+    path: str,
+    source: str,
+    dataset: Any,
+    metrics: Sequence[str],
+    protocol: EvalProtocol,
+    num_images: int | None,
 ) -> dict[str, float]:
     """``evaluate`` a VAE (folder or checkpoint) once; the numbers are cached in ``path``."""
     if not os.path.isfile(path):
@@ -171,8 +178,14 @@ def evaluate_all(plan: Plan, data: str, out: str, exports: dict[str, str]) -> di
     protocol = EvalProtocol(resolution=plan.resolution, sample_posterior=True, seed=0)
     evals = os.path.join(out, 'evals')
     final = {
-        name: cached_eval(os.path.join(evals, f'{name}.json'), exports[name], dataset,
-                          ['psnr', 'ssim', 'equivariance', 'intrinsic_dim'], protocol, plan.eval_images)
+        name: cached_eval(
+            os.path.join(evals, f'{name}.json'),
+            exports[name],
+            dataset,
+            ['psnr', 'ssim', 'equivariance', 'intrinsic_dim'],
+            protocol,
+            plan.eval_images,
+        )
         for name in MODELS
     }
     # The same models at twice the resolution: at 64 px an f8 latent is 8x8 and scale 0.25 leaves 2x2
@@ -181,30 +194,45 @@ def evaluate_all(plan: Plan, data: str, out: str, exports: dict[str, str]) -> di
     protocol_2x = EvalProtocol(resolution=double, sample_posterior=True, seed=0)
     dataset_2x = build_eval_dataset(os.path.join(data, 'val'), double)
     final_2x = {
-        name: cached_eval(os.path.join(evals, f'{name}-{double}px.json'), exports[name], dataset_2x,
-                          ['psnr', 'ssim', 'equivariance'], protocol_2x, plan.eval_images)
+        name: cached_eval(
+            os.path.join(evals, f'{name}-{double}px.json'),
+            exports[name],
+            dataset_2x,
+            ['psnr', 'ssim', 'equivariance'],
+            protocol_2x,
+            plan.eval_images,
+        )
         for name in MODELS
     }
     curve_metrics = ['psnr', 'ssim', 'equivariance']
     base_curve = {
-        step: cached_eval(os.path.join(evals, f'base-ba{step}.json'), path, dataset, ['psnr'], protocol,
-                          plan.eval_images)['psnr']
+        step: cached_eval(
+            os.path.join(evals, f'base-ba{step}.json'), path, dataset, ['psnr'], protocol, plan.eval_images
+        )['psnr']
         for step, path in checkpoints(out, 'base').items()
     }
     curves: dict[str, dict[int, dict[str, float]]] = {}
     for name in FINETUNES:
         curves[name] = {0: final['base']}
         for step, path in checkpoints(out, name).items():
-            curves[name][step] = cached_eval(os.path.join(evals, f'{name}-ba{step}.json'), path, dataset,
-                                             curve_metrics, protocol, plan.eval_images)
+            curves[name][step] = cached_eval(
+                os.path.join(evals, f'{name}-ba{step}.json'), path, dataset, curve_metrics, protocol, plan.eval_images
+            )
     eval_seconds, eval_files = 0.0, glob.glob(os.path.join(evals, '*.json'))
     for path in eval_files:
         with open(path) as f:
             record = json.load(f)
         eval_seconds += record.get('total_seconds', record.get('seconds', 0.0))
-    return {'final': final, 'final_2x': final_2x, 'base_psnr_curve': base_curve, 'finetune_curves': curves,
-            'eval_seconds': eval_seconds, 'num_evaluations': len(eval_files),
-            'protocol': protocol.describe(), 'num_eval_images': plan.eval_images or 'all'}
+    return {
+        'final': final,
+        'final_2x': final_2x,
+        'base_psnr_curve': base_curve,
+        'finetune_curves': curves,
+        'eval_seconds': eval_seconds,
+        'num_evaluations': len(eval_files),
+        'protocol': protocol.describe(),
+        'num_eval_images': plan.eval_images or 'all',
+    }
 
 
 def plot_curves(results: dict[str, Any], path: str) -> None:
@@ -219,8 +247,14 @@ def plot_curves(results: dict[str, Any], path: str) -> None:
     for name, curve in results['finetune_curves'].items():
         steps = sorted(curve, key=int)
         for key, style in (('equivariance_error/R', '-o'), ('equivariance_error/S', '--s')):
-            axes[0].plot(steps, [curve[s][key] for s in steps], style, color=colours[name],
-                         label=f'{name} {key[-1]}', markersize=4)
+            axes[0].plot(
+                steps,
+                [curve[s][key] for s in steps],
+                style,
+                color=colours[name],
+                label=f'{name} {key[-1]}',
+                markersize=4,
+            )
         axes[1].plot(steps, [curve[s]['psnr'] for s in steps], '-o', color=colours[name], label=name, markersize=4)
     axes[0].set(title='latent equivariance error (held out)', xlabel='fine-tuning step', ylabel='error')
     axes[1].set(title='reconstruction PSNR (held out)', xlabel='fine-tuning step', ylabel='dB')
@@ -248,8 +282,13 @@ def plot_reconstructions(plan: Plan, data: str, exports: dict[str, str], path: s
     factor = vae_downsample_factor(vaes['base'])
     size = (plan.resolution, plan.resolution)
     blocks = []
-    transforms = (SpatialTransform(), SpatialTransform(0.5, 0.5), SpatialTransform(0.25, 0.25),
-                  SpatialTransform(quarter_turns=1), SpatialTransform(0.5, 0.5, quarter_turns=2))
+    transforms = (
+        SpatialTransform(),
+        SpatialTransform(0.5, 0.5),
+        SpatialTransform(0.25, 0.25),
+        SpatialTransform(quarter_turns=1),
+        SpatialTransform(0.5, 0.5, quarter_turns=2),
+    )
     latents = {name: vaes[name].encode(images).latent_dist.mode() for name in MODELS}
     for tau in transforms:
         columns = [apply_to_image(images, tau, factor)]
@@ -273,8 +312,17 @@ def results_table(final: dict[str, dict[str, float]]) -> str:
     rows = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for name in MODELS:
         m = final[name]
-        cells = [name, _fmt(m['equivariance_error/R']), _fmt(m['equivariance_error/S']), _fmt(m['psnr'], 2),
-                 _fmt(m['ssim'])] + [_fmt(m[f'scaled_psnr/{s}'], 2) for s in scales] + [_fmt(m['intrinsic_dim'], 1)]
+        cells = (
+            [
+                name,
+                _fmt(m['equivariance_error/R']),
+                _fmt(m['equivariance_error/S']),
+                _fmt(m['psnr'], 2),
+                _fmt(m['ssim']),
+            ]
+            + [_fmt(m[f'scaled_psnr/{s}'], 2) for s in scales]
+            + [_fmt(m['intrinsic_dim'], 1)]
+        )
         rows.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
 
@@ -299,8 +347,11 @@ def curve_table(curves: dict[str, dict[int, dict[str, float]]]) -> str:
         cells = [str(step)]
         for name in FINETUNES:
             m = curves[name].get(step) or curves[name].get(str(step))
-            cells += [_fmt(m['equivariance_error/R']), _fmt(m['equivariance_error/S']), _fmt(m['psnr'], 2)] if m \
+            cells += (
+                [_fmt(m['equivariance_error/R']), _fmt(m['equivariance_error/S']), _fmt(m['psnr'], 2)]
+                if m
                 else ['', '', '']
+            )
         rows.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
 
@@ -398,8 +449,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--base-steps', type=int, default=None)
     parser.add_argument('--finetune-steps', type=int, default=None)
     parser.add_argument('--finetune-lr', type=float, default=None)
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads (default 1: on a shared 2-core CPU, 2 threads ran up to 10x slower)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch threads (default 1: on a shared 2-core CPU, 2 threads ran up to 10x slower)',
+    )
     return parser.parse_args(argv)
 
 
@@ -408,15 +463,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
-    overrides = {'base_steps': args.base_steps, 'finetune_steps': args.finetune_steps,
-                 'finetune_lr': args.finetune_lr}
+    overrides = {'base_steps': args.base_steps, 'finetune_steps': args.finetune_steps, 'finetune_lr': args.finetune_lr}
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or ('runs/replicate-quick' if args.quick else 'runs/replicate')
     docs = args.docs or (os.path.join(out, 'docs') if args.quick else 'docs')
     for split in ('train', 'val'):
         if not os.path.isfile(os.path.join(args.data, split, 'index.json')):
-            print(f'error: no MDS dataset at {args.data}/{split}; run `python convert_dataset.py --out {args.data}`',
-                  file=sys.stderr)
+            print(
+                f'error: no MDS dataset at {args.data}/{split}; run `python convert_dataset.py --out {args.data}`',
+                file=sys.stderr,
+            )
             return 1
     os.makedirs(os.path.join(docs, 'results'), exist_ok=True)
 
@@ -431,8 +487,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_reconstructions(plan, args.data, exports, os.path.join(docs, 'results', 'reconstructions.png'))
     seconds = time.perf_counter() - start
     command = shlex.join(['python', 'scripts/replicate.py', *(sys.argv[1:] if argv is None else argv)])
-    results.update({'data': args.data, 'plan': copy.deepcopy(plan.__dict__), 'stage_seconds': stage_seconds,
-                    'seconds': seconds, 'command': command})
+    results.update(
+        {
+            'data': args.data,
+            'plan': copy.deepcopy(plan.__dict__),
+            'stage_seconds': stage_seconds,
+            'seconds': seconds,
+            'command': command,
+        }
+    )
     with open(os.path.join(docs, 'results', 'results.json'), 'w') as f:
         json.dump(results, f, indent=2, default=str)
     write_markdown(os.path.join(docs, 'RESULTS.md'), plan, results, command, seconds)

@@ -1,6 +1,6 @@
 """The latent of one image as a picture: input | first three principal components of E(x) as RGB.
 
-    python scripts/vis_latent.py --vae PATH --image photo.jpg --out latent.png
+python scripts/vis_latent.py --vae PATH --image photo.jpg --out latent.png
 """
 
 from __future__ import annotations

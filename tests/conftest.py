@@ -32,17 +32,25 @@ def vae() -> AutoencoderKL:
     return tiny_vae()
 
 
-
-
 #: The config fields that make a KL autoencoder SD-, SDXL-, SD3- or FLUX-shaped (their hub configs' values),
 #: on top of ``tiny_vae_config``: latent channels, the latent normalisation, the quant convs, fp32 decoding.
 KL_SHAPES: dict[str, dict] = {
     'sd': {'scaling_factor': 0.18215},
     'sdxl': {'scaling_factor': 0.13025, 'force_upcast': True},
-    'sd3': {'latent_channels': 16, 'scaling_factor': 1.5305, 'shift_factor': 0.0609, 'use_quant_conv': False,
-            'use_post_quant_conv': False},
-    'flux': {'latent_channels': 16, 'scaling_factor': 0.3611, 'shift_factor': 0.1159, 'use_quant_conv': False,
-             'use_post_quant_conv': False},
+    'sd3': {
+        'latent_channels': 16,
+        'scaling_factor': 1.5305,
+        'shift_factor': 0.0609,
+        'use_quant_conv': False,
+        'use_post_quant_conv': False,
+    },
+    'flux': {
+        'latent_channels': 16,
+        'scaling_factor': 0.3611,
+        'shift_factor': 0.1159,
+        'use_quant_conv': False,
+        'use_post_quant_conv': False,
+    },
 }
 
 

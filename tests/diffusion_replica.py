@@ -55,7 +55,7 @@ class NlayerDiscriminator(nn.Module):
         self.blocks.append(nn.Conv2d(input_channels, num_filters, kernel_size=4, stride=2, padding=1))
         out_filters = num_filters
         for n in range(1, num_layers):
-            in_filters = num_filters * 2**(n - 1)
+            in_filters = num_filters * 2 ** (n - 1)
             out_filters = num_filters * min(2**n, 8)
             conv = nn.Conv2d(in_filters, out_filters, kernel_size=4, stride=2, padding=1, bias=False)
             self.blocks.extend([conv, nn.BatchNorm2d(out_filters), nn.LeakyReLU(0.2, True)])
@@ -75,9 +75,18 @@ class NlayerDiscriminator(nn.Module):
 class AutoEncoderLoss(nn.Module):
     """Their loss: L1 + LPIPS nll with learned log variance, KL, BCE PatchGAN with an adaptive weight."""
 
-    def __init__(self, input_key='image', ae_output_channels=3, learn_log_var=True, log_var_init=0.0,
-                 kl_divergence_weight=1.0, lpips_weight=0.25, discriminator_weight=0.5,
-                 discriminator_num_filters=64, discriminator_num_layers=3):
+    def __init__(
+        self,
+        input_key='image',
+        ae_output_channels=3,
+        learn_log_var=True,
+        log_var_init=0.0,
+        kl_divergence_weight=1.0,
+        lpips_weight=0.25,
+        discriminator_weight=0.5,
+        discriminator_num_filters=64,
+        discriminator_num_layers=3,
+    ):
         super().__init__()
         self.input_key = input_key
         self.kl_divergence_weight = kl_divergence_weight
@@ -91,8 +100,9 @@ class AutoEncoderLoss(nn.Module):
         self.lpips = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False).eval()
         for param in self.lpips.parameters():
             param.requires_grad_(False)
-        self.discriminator = NlayerDiscriminator(ae_output_channels, discriminator_num_filters,
-                                                 discriminator_num_layers)
+        self.discriminator = NlayerDiscriminator(
+            ae_output_channels, discriminator_num_filters, discriminator_num_layers
+        )
         self.scale_gradients = GradientScalingLayer()
         self.scale_gradients.register_full_backward_hook(self.scale_gradients.backward_hook)
 
@@ -133,7 +143,8 @@ class AutoEncoderLoss(nn.Module):
         losses['disc_fake_loss'] = fake_loss
         losses['disc_loss'] = 0.5 * (real_loss + fake_loss)
         disc_weight, nll_grads_norm, disc_grads_norm = self.calc_discriminator_adaptive_weight(
-            nll_loss, fake_loss, last_layer)
+            nll_loss, fake_loss, last_layer
+        )
         losses['disc_weight'] = disc_weight
         losses['nll_grads_norm'] = nll_grads_norm
         losses['disc_grads_norm'] = disc_grads_norm
@@ -158,8 +169,12 @@ class ComposerDiffusersAutoEncoder(ComposerModel):
         self.input_key = input_key
         train_metrics = [MeanSquaredError()]
         self.train_metrics = {metric.__class__.__name__: metric for metric in train_metrics}
-        val_metrics = [MeanSquaredError(), MeanMetric(), PeakSignalNoiseRatio(data_range=2.0),
-                       StructuralSimilarityIndexMeasure(data_range=2.0)]
+        val_metrics = [
+            MeanSquaredError(),
+            MeanMetric(),
+            PeakSignalNoiseRatio(data_range=2.0),
+            StructuralSimilarityIndexMeasure(data_range=2.0),
+        ]
         self.val_metrics = {metric.__class__.__name__: metric for metric in val_metrics}
 
     def get_last_layer_weight(self) -> torch.Tensor:
@@ -243,5 +258,6 @@ def optimizer_for(model: ComposerDiffusersAutoEncoder, lr: float = 1e-4) -> torc
     disc = list(model.autoencoder_loss.discriminator.parameters())
     disc_ids = {id(p) for p in disc}
     ae = [p for p in model.parameters() if p.requires_grad and id(p) not in disc_ids]
-    return torch.optim.AdamW([{'params': ae, 'lr': lr, 'weight_decay': 0.01},
-                              {'params': disc, 'lr': lr, 'weight_decay': 0.01}])
+    return torch.optim.AdamW(
+        [{'params': ae, 'lr': lr, 'weight_decay': 0.01}, {'params': disc, 'lr': lr, 'weight_decay': 0.01}]
+    )

@@ -23,15 +23,18 @@ def test_defaults_are_the_reference_defaults():
     assert algo.image_key == 'image'
 
 
-@pytest.mark.parametrize('kwargs, name', [
-    (dict(p_equivariance=1.5), 'p_equivariance'),
-    (dict(p_lowres=-0.1), 'p_lowres'),
-    (dict(scales='log'), 'scales'),
-    (dict(scales=[0.5, 1.5]), 'scales'),
-    (dict(rotations=[4]), 'rotations'),
-    (dict(interpolation='lanczos'), 'interpolation'),
-    (dict(downsample_factor=0), 'downsample_factor'),
-])
+@pytest.mark.parametrize(
+    'kwargs, name',
+    [
+        (dict(p_equivariance=1.5), 'p_equivariance'),
+        (dict(p_lowres=-0.1), 'p_lowres'),
+        (dict(scales='log'), 'scales'),
+        (dict(scales=[0.5, 1.5]), 'scales'),
+        (dict(rotations=[4]), 'rotations'),
+        (dict(interpolation='lanczos'), 'interpolation'),
+        (dict(downsample_factor=0), 'downsample_factor'),
+    ],
+)
 def test_invalid_values_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         EquivarianceAlgorithm(**kwargs)
@@ -79,8 +82,11 @@ def test_equivariance_branch_decodes_once_on_tau_z_and_compares_with_tau_x():
     assert len(decoder_inputs) == 1  # one decode per microbatch, and it is of tau(z)
     latent = state.outputs['posterior'].mean
     assert latent.shape[-2:] == (8, 8)  # the encoder (and so the KL term) saw the untransformed x
-    assert decoder_inputs[0] == state.outputs['latents'].shape[:2] + tuple(
-        int(8 * s) for s in (tau.scale_h, tau.scale_w))[:: (-1 if tau.quarter_turns % 2 else 1)]
+    assert (
+        decoder_inputs[0]
+        == state.outputs['latents'].shape[:2]
+        + tuple(int(8 * s) for s in (tau.scale_h, tau.scale_w))[:: (-1 if tau.quarter_turns % 2 else 1)]
+    )
     torch.testing.assert_close(seen, apply_to_image(x, tau, 8))
     assert state.outputs['reconstruction'].shape == seen.shape
     assert state.batch['image'] is x  # restored after the loss
@@ -233,9 +239,7 @@ def test_each_microbatch_draws_its_own_transform():
     logger = InMemoryLogger()
     model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_weight=0))
     _fit(model, [EquivarianceAlgorithm(p_equivariance=1.0)], microbatch=1, max_duration='2ba', loggers=[logger])
-    draws = list(zip(*(
-        [v for _, v in logger.data[k]] for k in ('eqvae/scale_h', 'eqvae/rotation_deg')
-    )))
+    draws = list(zip(*([v for _, v in logger.data[k]] for k in ('eqvae/scale_h', 'eqvae/rotation_deg'))))
     assert len(draws) == 8 and len(set(draws)) > 1
 
 

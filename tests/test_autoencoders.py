@@ -69,13 +69,16 @@ def test_adapter_lookup_follows_subclasses_and_names_what_is_supported():
         pass
 
     assert adapter_for(MyKL.from_config(tiny_kl_config('sd'))).kind == 'kl'
-    with pytest.raises(TypeError, match=r'no autoencoder adapter for Linear; supported: AutoencoderKL \(kl\), '
-                                        r'VQModel \(vq\)'):
+    with pytest.raises(
+        TypeError,
+        match=r'no autoencoder adapter for Linear; supported: AutoencoderKL \(kl\), '
+        r'VQModel \(vq\)',
+    ):
         adapter_for(torch.nn.Linear(1, 1))
     assert autoencoder_class({'_class_name': 'VQModel'}) is VQModel and autoencoder_class({}) is AutoencoderKL
     with pytest.raises(ValueError, match='describes a UNet2DModel'):
         autoencoder_class({'_class_name': 'UNet2DModel'})
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match='already registered'):
         register_adapter(AutoencoderAdapter('kl2', AutoencoderKL, ADAPTERS['kl'].latent_entry, ADAPTERS['kl'].encode))
 
 
@@ -85,8 +88,12 @@ class _TinyAutoencoderModel(ComposerModel):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                                   num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+        self.vae = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+        )
 
     def forward(self, batch):
         return self.vae.decode(self.vae.encode(batch['image']).latents).sample
@@ -98,7 +105,10 @@ class _TinyAutoencoderModel(ComposerModel):
 @pytest.fixture
 def tiny_adapter():
     adapter = AutoencoderAdapter(
-        'tiny', AutoencoderTiny, latent_entry=lambda vae: vae.decoder, encode=lambda vae, x: vae.encode(x).latents,
+        'tiny',
+        AutoencoderTiny,
+        latent_entry=lambda vae: vae.decoder,
+        encode=lambda vae, x: vae.encode(x).latents,
         downsample_factor=lambda vae: 2 ** (len(vae.config.encoder_block_out_channels) - 1),
     )
     yield adapter
@@ -112,9 +122,16 @@ def test_another_diffusers_autoencoder_plugs_in_with_one_adapter(tiny_adapter):
     register_adapter(tiny_adapter)
     images = [{'image': torch.rand(3, 64, 64) * 2 - 1} for _ in range(4)]
     algorithm = EquivarianceAlgorithm(p_equivariance=1.0)
-    trainer = Trainer(model=model, train_dataloader=DataLoader(images, batch_size=2), max_duration='2ba',
-                      optimizers=torch.optim.Adam(model.parameters(), lr=1e-4), algorithms=[algorithm], device='cpu',
-                      progress_bar=False, log_to_console=False)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(images, batch_size=2),
+        max_duration='2ba',
+        optimizers=torch.optim.Adam(model.parameters(), lr=1e-4),
+        algorithms=[algorithm],
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+    )
     decoder_inputs = []  # a pre-hook after the algorithm's (registered at INIT) sees what the decoder gets
     model.vae.decoder.register_forward_pre_hook(lambda m, a: decoder_inputs.append(tuple(a[0].shape[-2:])))
     trainer.fit()
@@ -128,8 +145,9 @@ def test_another_diffusers_autoencoder_plugs_in_with_one_adapter(tiny_adapter):
 
 @pytest.mark.parametrize('shape', sorted(KL_SHAPES))
 def test_equivariance_branch_transforms_the_latent_where_it_enters_the_decoder(shape):
-    model = ComposerAutoencoderKL(_kl(shape), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2),
-                                  sample_posterior=False)
+    model = ComposerAutoencoderKL(
+        _kl(shape), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2), sample_posterior=False
+    )
     algorithm, state, logger = _attached(model, torch.rand(2, 3, 64, 64) * 2 - 1, p_equivariance=1.0)
     entry_inputs = []
     latent_entry_point(model.vae).register_forward_pre_hook(lambda m, a: entry_inputs.append(a[0].detach()))
@@ -190,9 +208,15 @@ def mds(tmp_path):
 
 
 def _config(tmp_path, mds, kind, architecture, **overrides):
-    cfg = run_config(tmp_path, *mds, algorithms={'equivariance': {'p_equivariance': 1.0}},
-                     callbacks={'image_grid': {'interval': '2ba', 'folder': str(tmp_path / 'grids')}},
-                     save_folder=str(tmp_path / 'checkpoints'), save_interval='2ba', **overrides)
+    cfg = run_config(
+        tmp_path,
+        *mds,
+        algorithms={'equivariance': {'p_equivariance': 1.0}},
+        callbacks={'image_grid': {'interval': '2ba', 'folder': str(tmp_path / 'grids')}},
+        save_folder=str(tmp_path / 'checkpoints'),
+        save_interval='2ba',
+        **overrides,
+    )
     cfg.model.vae.config = architecture  # replaced, not merged with the default tiny KL config
     cfg.model.kind = kind
     return cfg
@@ -223,7 +247,9 @@ def test_train_evaluates_and_exports_each_kind(name, tmp_path, mds):
         assert 1 <= metrics['CodebookPerplexity'] <= 32 and 0 <= metrics['DeadCodeFraction'] < 1
 
     assert sorted(path.name for path in (tmp_path / 'grids').iterdir()) == [
-        'latent_pca_ba000002.png', 'reconstructions_ba000002.png']
+        'latent_pca_ba000002.png',
+        'reconstructions_ba000002.png',
+    ]
 
     exported = load_autoencoder(tmp_path / 'run' / 'vae')
     config = json.loads((tmp_path / 'run' / 'vae' / 'config.json').read_text())
@@ -238,16 +264,21 @@ def test_train_evaluates_and_exports_each_kind(name, tmp_path, mds):
         for name_, tensor in trained.state_dict().items():
             torch.testing.assert_close(exported.state_dict()[name_], tensor, msg=name_)
             torch.testing.assert_close(from_checkpoint.state_dict()[name_], tensor, msg=name_)
-        torch.testing.assert_close(exported.decode(adapter_for(exported).encode(exported, x)).sample,
-                                   trained.decode(adapter_for(trained).encode(trained, x)).sample)
+        torch.testing.assert_close(
+            exported.decode(adapter_for(exported).encode(exported, x)).sample,
+            trained.decode(adapter_for(trained).encode(trained, x)).sample,
+        )
 
 
-@pytest.mark.parametrize('kind, overrides, message', [
-    ('vq', {'model': {'loss': {'kl_weight': 1e-5}}}, 'model.loss.kl_weight applies to model.kind kl only'),
-    ('vq', {'model': {'gradient_checkpointing': True}}, 'model.gradient_checkpointing applies to model.kind kl'),
-    ('kl', {'model': {'loss': {'codebook_weight': 0.5}}}, 'model.loss.codebook_weight applies to model.kind vq'),
-    ('vq', {'model': {'eval_metrics': ['PSNR', 'FID']}}, 'unknown eval_metrics'),
-])
+@pytest.mark.parametrize(
+    'kind, overrides, message',
+    [
+        ('vq', {'model': {'loss': {'kl_weight': 1e-5}}}, 'model.loss.kl_weight applies to model.kind kl only'),
+        ('vq', {'model': {'gradient_checkpointing': True}}, 'model.gradient_checkpointing applies to model.kind kl'),
+        ('kl', {'model': {'loss': {'codebook_weight': 0.5}}}, 'model.loss.codebook_weight applies to model.kind vq'),
+        ('vq', {'model': {'eval_metrics': ['PSNR', 'FID']}}, 'unknown eval_metrics'),
+    ],
+)
 def test_settings_of_the_other_kind_are_an_error(tmp_path, mds, kind, overrides, message):
     architecture = tiny_vq_config() if kind == 'vq' else tiny_kl_config('sd')
     cfg = _config(tmp_path, mds, kind, architecture)

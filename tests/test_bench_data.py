@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_smoke_run_prints_every_measure(tmp_path):
     result = subprocess.run(
         [sys.executable, 'scripts/bench_data.py', '--smoke', '--reps', '2', '--workdir', str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -25,16 +28,22 @@ def test_smoke_run_prints_every_measure(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mode, heading', [
-    (['--profile'], 'conversion profile'),
-    (['--part-sizes', '20', '40'], 'conversion by part size'),
-    (['--resize'], 'crop resize to 256 px'),
-])
+@pytest.mark.parametrize(
+    'mode, heading',
+    [
+        (['--profile'], 'conversion profile'),
+        (['--part-sizes', '20', '40'], 'conversion by part size'),
+        (['--resize'], 'crop resize to 256 px'),
+    ],
+)
 def test_smoke_run_of_each_single_measurement(tmp_path, mode, heading):
     # The commands docs/BENCHMARKS.md cites for its profile, part-size and resize figures.
     result = subprocess.run(
         [sys.executable, 'scripts/bench_data.py', '--smoke', '--reps', '2', '--workdir', str(tmp_path), *mode],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert heading in result.stdout

@@ -30,12 +30,15 @@ def _record_steps(optimizer, into: dict, model) -> None:
     optimizer.step = step
 
 
-@pytest.mark.parametrize('branch, transform', [
-    (Branch.EQUIVARIANCE, SpatialTransform(0.5, 0.5, 1)),
-    (Branch.EQUIVARIANCE, SpatialTransform(0.75, 0.75, 3)),
-    (Branch.LOW_RES, SpatialTransform(0.5, 0.5)),
-    (Branch.FULL_RES, SpatialTransform()),
-])
+@pytest.mark.parametrize(
+    'branch, transform',
+    [
+        (Branch.EQUIVARIANCE, SpatialTransform(0.5, 0.5, 1)),
+        (Branch.EQUIVARIANCE, SpatialTransform(0.75, 0.75, 3)),
+        (Branch.LOW_RES, SpatialTransform(0.5, 0.5)),
+        (Branch.FULL_RES, SpatialTransform()),
+    ],
+)
 def test_reference_loop_gives_our_losses_and_gradients(monkeypatch, branch, transform):
     # Both loops see the same transform for every forward (the reference's second forward included)
     # and decode the posterior mean, so the only difference left is how the step is computed.
@@ -150,8 +153,9 @@ def test_flop_count_of_a_small_step(monkeypatch):
 @pytest.mark.slow
 def test_smoke_run_compares_all_contenders(tmp_path):
     out = tmp_path / 'bench.json'
-    proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--json', str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, '--smoke', '--json', str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'ours/reference' in proc.stdout and 'RANDOM VGG16' in proc.stdout
     import json
@@ -163,7 +167,8 @@ def test_smoke_run_compares_all_contenders(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_profile_breaks_the_step_down():
-    proc = subprocess.run([sys.executable, SCRIPT, '--smoke', '--profile'], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, '--smoke', '--profile'], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'convolution backward' in proc.stdout and 'share of CPU self time' in proc.stdout

@@ -34,15 +34,21 @@ class RecordWeights(Callback):
         self.after_step: list[dict[str, torch.Tensor]] = []
 
     def batch_end(self, state, logger) -> None:
-        self.after_step.append({k[len(VAE_PREFIX):]: v.detach().clone()
-                                for k, v in state.model.state_dict().items() if k.startswith(VAE_PREFIX)})
+        self.after_step.append(
+            {
+                k[len(VAE_PREFIX) :]: v.detach().clone()
+                for k, v in state.model.state_dict().items()
+                if k.startswith(VAE_PREFIX)
+            }
+        )
 
 
 def fit_two_batches(folder: Path, ema: EMA) -> tuple[Trainer, RecordWeights]:
     """A 2-batch run with ``ema`` that saves its checkpoint at batch 2 in ``folder``."""
     torch.manual_seed(0)
-    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=1),
-                                  eval_metrics=())
+    model = ComposerAutoencoderKL(
+        tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=1), eval_metrics=()
+    )
     data = [{'image': torch.rand(3, 32, 32) * 2 - 1} for _ in range(4)]
     recorder = RecordWeights()
     trainer = Trainer(
@@ -104,8 +110,9 @@ def test_ema_and_raw_weights_differ(run):
 
 
 def test_export_script_writes_ema_weights_by_default(run, tmp_path, capsys):
-    run_export_script(['--checkpoint', str(run['checkpoint']), '--out', str(tmp_path / 'vae'),
-                       '--ldm', str(tmp_path / 'vae.ckpt')])
+    run_export_script(
+        ['--checkpoint', str(run['checkpoint']), '--out', str(tmp_path / 'vae'), '--ldm', str(tmp_path / 'vae.ckpt')]
+    )
     assert 'the EMA weights' in capsys.readouterr().out
     exported = AutoencoderKL.from_pretrained(tmp_path / 'vae')
     assert_weights(exported, run['ema'], exact=False)  # an average recomputed here: equal up to rounding
@@ -171,12 +178,15 @@ def _ddp_compiled_checkpointed(name: str) -> str:
     return 'module._orig_mod.' + name.replace('vae.decoder.', 'vae.decoder._checkpoint_wrapped_module.')
 
 
-@pytest.mark.parametrize('wrapped', [
-    pytest.param(lambda name: f'module.{name}', id='DDP'),
-    pytest.param(_fsdp1, id='FSDP1'),
-    pytest.param(lambda name: f'_orig_mod.{name}', id='compiled'),
-    pytest.param(_ddp_compiled_checkpointed, id='DDP-compiled-activation-checkpointed'),
-])
+@pytest.mark.parametrize(
+    'wrapped',
+    [
+        pytest.param(lambda name: f'module.{name}', id='DDP'),
+        pytest.param(_fsdp1, id='FSDP1'),
+        pytest.param(lambda name: f'_orig_mod.{name}', id='compiled'),
+        pytest.param(_ddp_compiled_checkpointed, id='DDP-compiled-activation-checkpointed'),
+    ],
+)
 def test_wrapper_components_are_removed_from_model_and_ema_names(run, wrapped):
     checkpoint = read_checkpoint_file(run['checkpoint'])
     state = checkpoint['state']

@@ -53,8 +53,9 @@ def test_posterior_means_pool_the_channels():
 def test_matches_a_direct_computation_and_respects_num_images():
     vae = tiny_vae(seed=2)
     data = batches(3, batch_size=4)
-    stats = latent_statistics(vae, ({'image': x} for x in data), num_images=10,
-                              generator=torch.Generator().manual_seed(5))
+    stats = latent_statistics(
+        vae, ({'image': x} for x in data), num_images=10, generator=torch.Generator().manual_seed(5)
+    )
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         latents = torch.cat([vae.encode(x).latent_dist.sample(generator) for x in (data[0], data[1], data[2][:2])])
@@ -76,12 +77,24 @@ def test_script_on_an_image_folder(tmp_path, capsys):
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
     export_diffusers(constant_posterior_vae([0.1, 0.2, 0.3, 0.6], sigma=2.0), tmp_path / 'vae')
-    spec = importlib.util.spec_from_file_location('latent_stats_script',
-                                                  Path(__file__).parents[1] / 'scripts' / 'latent_stats.py')
+    spec = importlib.util.spec_from_file_location(
+        'latent_stats_script', Path(__file__).parents[1] / 'scripts' / 'latent_stats.py'
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(['--vae', str(tmp_path / 'vae'), '--data', str(tmp_path), '--resolution', '32', '--mode',
-                 '--write-config', str(tmp_path / 'vae')])
+    module.main(
+        [
+            '--vae',
+            str(tmp_path / 'vae'),
+            '--data',
+            str(tmp_path),
+            '--resolution',
+            '32',
+            '--mode',
+            '--write-config',
+            str(tmp_path / 'vae'),
+        ]
+    )
     assert 'posterior means' in capsys.readouterr().out
     config = json.loads((tmp_path / 'vae' / 'config.json').read_text())
     assert config['shift_factor'] == pytest.approx(0.3, abs=1e-6)

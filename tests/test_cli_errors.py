@@ -33,18 +33,56 @@ def files(tmp_path):
 CASES = {
     # entry point and arguments, exit status, what the line must name
     'train': (['train.py', '{tmp}/run.yaml'], 2, '{tmp}/broken.ckpt is not a readable checkpoint'),
-    'convert_dataset': (['convert_dataset.py', '--source', 'folder', '--input', '{tmp}/missing', '--out', '{tmp}/o'],
-                        1, '{tmp}/missing'),
-    'eval': (['scripts/eval.py', '--vae', '{tmp}/broken.ckpt', '--data', '{tmp}/data', '--out', '{tmp}/r.json',
-              '--metrics', 'psnr'], 2, '{tmp}/broken.ckpt is not a readable checkpoint'),
-    'eval_weights': (['scripts/eval.py', '--vae', '{tmp}/broken.ckpt', '--data', '{tmp}/data', '--out', '{tmp}/r.json',
-                      '--metrics', 'psnr,lpips'], 2, 'vgg16-397923af.pth'),
-    'export': (['scripts/export.py', '--checkpoint', '{tmp}/broken.ckpt', '--out', '{tmp}/vae'], 2,
-               '{tmp}/broken.ckpt is not a readable checkpoint'),
-    'latent_stats': (['scripts/latent_stats.py', '--vae', '{tmp}/broken.ckpt', '--data', '{tmp}/data'], 2,
-                     '{tmp}/broken.ckpt is not a readable checkpoint'),
-    'vis_latent': (['scripts/vis_latent.py', '--vae', '{tmp}/broken.ckpt', '--image', '{tmp}/x.png', '--out',
-                    '{tmp}/l.png'], 2, '{tmp}/broken.ckpt is not a readable checkpoint'),
+    'convert_dataset': (
+        ['convert_dataset.py', '--source', 'folder', '--input', '{tmp}/missing', '--out', '{tmp}/o'],
+        1,
+        '{tmp}/missing',
+    ),
+    'eval': (
+        [
+            'scripts/eval.py',
+            '--vae',
+            '{tmp}/broken.ckpt',
+            '--data',
+            '{tmp}/data',
+            '--out',
+            '{tmp}/r.json',
+            '--metrics',
+            'psnr',
+        ],
+        2,
+        '{tmp}/broken.ckpt is not a readable checkpoint',
+    ),
+    'eval_weights': (
+        [
+            'scripts/eval.py',
+            '--vae',
+            '{tmp}/broken.ckpt',
+            '--data',
+            '{tmp}/data',
+            '--out',
+            '{tmp}/r.json',
+            '--metrics',
+            'psnr,lpips',
+        ],
+        2,
+        'vgg16-397923af.pth',
+    ),
+    'export': (
+        ['scripts/export.py', '--checkpoint', '{tmp}/broken.ckpt', '--out', '{tmp}/vae'],
+        2,
+        '{tmp}/broken.ckpt is not a readable checkpoint',
+    ),
+    'latent_stats': (
+        ['scripts/latent_stats.py', '--vae', '{tmp}/broken.ckpt', '--data', '{tmp}/data'],
+        2,
+        '{tmp}/broken.ckpt is not a readable checkpoint',
+    ),
+    'vis_latent': (
+        ['scripts/vis_latent.py', '--vae', '{tmp}/broken.ckpt', '--image', '{tmp}/x.png', '--out', '{tmp}/l.png'],
+        2,
+        '{tmp}/broken.ckpt is not a readable checkpoint',
+    ),
 }
 
 
@@ -54,8 +92,14 @@ def test_known_error_is_one_line_without_traceback(files, name):
     args, status, named = CASES[name]
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'TORCH_HOME': str(files / 'torch')}  # an empty weight cache
     env.pop('EQVAE_ALLOW_DOWNLOAD', None)
-    result = subprocess.run([sys.executable, *(a.format(tmp=files) for a in args)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *(a.format(tmp=files) for a in args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert 'Traceback' not in result.stdout + result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]

@@ -24,6 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # --- the version check ------------------------------------------------------------------------------------
 
+
 def _setup_py_requirements() -> dict[str, str]:
     tree = ast.parse((ROOT / 'setup.py').read_text())
     for node in ast.walk(tree):
@@ -107,6 +108,7 @@ def test_local_version_labels_match():
 
 # --- Composer ----------------------------------------------------------------------------------------------
 
+
 def _tiny_trainer(tmp_path: pathlib.Path, **kwargs):
     from composer import Trainer
     from composer.models import ComposerModel
@@ -124,9 +126,16 @@ def _tiny_trainer(tmp_path: pathlib.Path, **kwargs):
 
     data = torch.utils.data.TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
     model = Tiny()
-    return Trainer(model=model, train_dataloader=torch.utils.data.DataLoader(data, batch_size=2),
-                   optimizers=torch.optim.SGD(model.parameters(), lr=0.1), loggers=[], progress_bar=False,
-                   log_to_console=False, seed=3, **kwargs)
+    return Trainer(
+        model=model,
+        train_dataloader=torch.utils.data.DataLoader(data, batch_size=2),
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+        loggers=[],
+        progress_bar=False,
+        log_to_console=False,
+        seed=3,
+        **kwargs,
+    )
 
 
 def test_composer_wrappers(tmp_path):
@@ -138,8 +147,9 @@ def test_composer_wrappers(tmp_path):
 
         def save_checkpoint(self, state, logger):
             final = self.filename
-            staged = compat.save_checkpoint_unlinked(self, state, logger,
-                                                     PartialFilePath('staged-' + final.filename, final.folder))
+            staged = compat.save_checkpoint_unlinked(
+                self, state, logger, PartialFilePath('staged-' + final.filename, final.folder)
+            )
             assert self.filename is final and self.latest_filename is not None  # restored
             path = final.format(state)
             os.replace(staged, path)
@@ -166,6 +176,7 @@ def test_composer_wrappers(tmp_path):
 
 
 # --- streaming ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.usefixtures('streaming_env')
 def test_streaming_writer_wrappers_and_the_epoch_partition(tmp_path):
@@ -197,6 +208,7 @@ def test_streaming_writer_wrappers_and_the_epoch_partition(tmp_path):
 
 # --- diffusers ---------------------------------------------------------------------------------------------
 
+
 def test_diffusers_wrappers():
     from eqvae_composer.checkpoints.ldm import LDM_PREFIX, diffusers_to_ldm
 
@@ -213,6 +225,7 @@ def test_diffusers_wrappers():
 
 
 # --- lpips, torchmetrics, pytorch-fid, torch --------------------------------------------------------------------
+
 
 def test_lpips_backbone_layers_are_vgg16_features_by_index():
     import lpips

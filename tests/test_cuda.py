@@ -96,8 +96,9 @@ def test_fused_adam_on_cuda_steps_like_the_default_kernel():
         assert not torch.equal(a, _model().cuda().get_parameter(name)), name  # it stepped
 
 
-@pytest.mark.parametrize('transform', [SpatialTransform(0.5, 0.75, 1), SpatialTransform(0.25, 0.25, 2),
-                                       SpatialTransform(1.0, 1.0, 3)])
+@pytest.mark.parametrize(
+    'transform', [SpatialTransform(0.5, 0.75, 1), SpatialTransform(0.25, 0.25, 2), SpatialTransform(1.0, 1.0, 3)]
+)
 def test_transforms_on_cuda_equal_the_cpu(transform):
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     z = torch.randn(2, 4, 8, 8)
@@ -111,10 +112,12 @@ def test_equivariance_branch_on_cuda_equals_the_cpu_and_leaves_no_hook():
     results = {}
     with _no_tf32():
         for device in ('cpu', 'cuda'):
-            model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8,
-                                                                 disc_num_layers=2)).to(device)
-            state = State(model=model, rank_zero_seed=0, run_name='cuda',
-                          device=DeviceGPU() if device == 'cuda' else DeviceCPU())
+            model = ComposerAutoencoderKL(
+                tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2)
+            ).to(device)
+            state = State(
+                model=model, rank_zero_seed=0, run_name='cuda', device=DeviceGPU() if device == 'cuda' else DeviceCPU()
+            )
             state.batch = {'image': x.to(device)}
             logger = Logger(state)
             algo = EquivarianceAlgorithm(p_equivariance=1.0, scales=[0.5], rotations=[1])
@@ -169,9 +172,25 @@ def test_eval_script_on_cuda_gives_the_cpu_metrics(tmp_path):
     metrics = {}
     for device in ('cpu', 'gpu'):
         out = tmp_path / f'{device}.json'
-        cmd = [sys.executable, str(REPO / 'scripts' / 'eval.py'), '--vae', str(tmp_path / 'vae'), '--data',
-               str(tmp_path / 'images'), '--out', str(out), '--resolution', '32', '--batch-size', '2',
-               '--metrics', 'psnr,ssim,equivariance', '--device', device, '--no-progress']
+        cmd = [
+            sys.executable,
+            str(REPO / 'scripts' / 'eval.py'),
+            '--vae',
+            str(tmp_path / 'vae'),
+            '--data',
+            str(tmp_path / 'images'),
+            '--out',
+            str(out),
+            '--resolution',
+            '32',
+            '--batch-size',
+            '2',
+            '--metrics',
+            'psnr,ssim,equivariance',
+            '--device',
+            device,
+            '--no-progress',
+        ]
         # NVIDIA_TF32_OVERRIDE=0: the GPU side in fp32, like the CPU side
         env = {**os.environ, 'PYTHONPATH': _pythonpath(), 'NVIDIA_TF32_OVERRIDE': '0'}
         result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

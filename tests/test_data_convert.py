@@ -285,11 +285,14 @@ def test_unwritable_output_exit_code(many_images, tmp_path):
     shutil.rmtree(many_images)
 
 
-@pytest.mark.parametrize('hashes, compression', [
-    ([], None),
-    (['md5', 'sha1', 'xxh3_64', 'xxh64'], None),  # hashlib's and xxhash's, updated piece by piece
-    (['sha1'], 'zstd'),  # compression: the one-buffer path
-])
+@pytest.mark.parametrize(
+    'hashes, compression',
+    [
+        ([], None),
+        (['md5', 'sha1', 'xxh3_64', 'xxh64'], None),  # hashlib's and xxhash's, updated piece by piece
+        (['sha1'], 'zstd'),  # compression: the one-buffer path
+    ],
+)
 def test_lean_writer_writes_the_same_files_as_mdswriter(tmp_path, hashes, compression):
     from streaming import MDSWriter
 
@@ -302,8 +305,9 @@ def test_lean_writer_writes_the_same_files_as_mdswriter(tmp_path, hashes, compre
     ]
     columns = {'image': 'bytes', 'key': 'str', 'label': 'int', 'x': 'bytes'}
     for name, writer in (('mds', MDSWriter), ('lean', LeanMDSWriter)):
-        with writer(out=str(tmp_path / name), columns=columns, hashes=hashes, compression=compression,
-                    size_limit=30_000) as out:
+        with writer(
+            out=str(tmp_path / name), columns=columns, hashes=hashes, compression=compression, size_limit=30_000
+        ) as out:
             for sample in samples:
                 out.write(sample)
     files = sorted(os.listdir(tmp_path / 'mds'))

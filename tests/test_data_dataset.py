@@ -71,8 +71,9 @@ def test_train_crops_reproducible_per_seed_epoch_and_index(demo_mds):
 
 
 def test_resize_filter_reaches_the_training_crop_and_is_refused_for_eval(demo_mds):
-    area = StreamingImageDataset(local=str(demo_mds / 'train'), resolution=32, shuffle_seed=7, draft=False,
-                                 resize_filter='area_cv2')
+    area = StreamingImageDataset(
+        local=str(demo_mds / 'train'), resolution=32, shuffle_seed=7, draft=False, resize_filter='area_cv2'
+    )
     default = StreamingImageDataset(local=str(demo_mds / 'train'), resolution=32, shuffle_seed=7, draft=False)
     # The same crop, resized by the reference's filter: OpenCV's INTER_AREA on the uint8 crop.
     import cv2
@@ -132,7 +133,10 @@ def test_streams_as_a_mapping_of_names(tmp_path):
     _solid_dataset(tmp_path / 'dark', [10] * 3)
     _solid_dataset(tmp_path / 'bright', [240] * 5)
     loader = build_image_dataloader(
-        batch_size=4, drop_last=False, resolution=8, train=False,
+        batch_size=4,
+        drop_last=False,
+        resolution=8,
+        train=False,
         streams={'dark': {'local': str(tmp_path / 'dark')}, 'bright': {'local': str(tmp_path / 'bright')}},
     )
     levels = [level for batch in loader for level in _levels(batch)]
@@ -140,13 +144,16 @@ def test_streams_as_a_mapping_of_names(tmp_path):
 
 
 @pytest.mark.parametrize('algo', ['orig', 'relaxed'])
-@pytest.mark.parametrize('samples, nodes, ranks, workers, batch', [
-    (5, 1, 2, 1, 2),    # one rank gets a repeat
-    (1, 1, 2, 1, 4),    # one rank gets nothing but a repeat
-    (7, 1, 3, 2, 2),
-    (11, 2, 2, 2, 3),   # two nodes: repeats at the node level too
-    (40, 1, 8, 2, 4),
-])
+@pytest.mark.parametrize(
+    'samples, nodes, ranks, workers, batch',
+    [
+        (5, 1, 2, 1, 2),  # one rank gets a repeat
+        (1, 1, 2, 1, 4),  # one rank gets nothing but a repeat
+        (7, 1, 3, 2, 2),
+        (11, 2, 2, 2, 3),  # two nodes: repeats at the node level too
+        (40, 1, 8, 2, 4),
+    ],
+)
 def test_padding_mask_counts_each_sample_once_across_ranks_and_workers(algo, samples, nodes, ranks, workers, batch):
     partition = get_partitions(algo, samples, nodes, nodes, ranks, workers, batch)
     counted, yielded = [], 0
@@ -166,12 +173,14 @@ def test_padding_mask_counts_each_sample_once_across_ranks_and_workers(algo, sam
 
 def test_eval_iteration_flags_no_padding_on_one_process(tmp_path):
     _solid_dataset(tmp_path / 'solid', LEVELS[:7])
-    loader = build_image_dataloader(batch_size=3, drop_last=False, local=str(tmp_path / 'solid'), resolution=8,
-                                    train=False)
+    loader = build_image_dataloader(
+        batch_size=3, drop_last=False, local=str(tmp_path / 'solid'), resolution=8, train=False
+    )
     batches = list(loader)
     assert [len(b[PADDING_KEY]) for b in batches] == [3, 3, 1] and not any(b[PADDING_KEY].any() for b in batches)
-    assert PADDING_KEY not in next(iter(build_image_dataloader(batch_size=3, drop_last=True,
-                                                               local=str(tmp_path / 'solid'), resolution=8)))
+    assert PADDING_KEY not in next(
+        iter(build_image_dataloader(batch_size=3, drop_last=True, local=str(tmp_path / 'solid'), resolution=8))
+    )
 
 
 def test_empty_local_dataset_is_named(tmp_path):

@@ -25,8 +25,13 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def _launch(out: Path, mode: str, nproc: int, lr_scale: int = 1, gan_updates: str = 'joint') -> dict[str, torch.Tensor]:
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'FSDP_VERSION': '2', 'LR_SCALE': str(lr_scale),
-           'GAN_UPDATES': gan_updates}
+    env = {
+        **os.environ,
+        'PYTHONPATH': str(REPO),
+        'FSDP_VERSION': '2',
+        'LR_SCALE': str(lr_scale),
+        'GAN_UPDATES': gan_updates,
+    }
     cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', str(nproc), str(SCRIPT), str(out), mode, '4']
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

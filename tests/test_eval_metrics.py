@@ -59,7 +59,12 @@ def _skimage_ssim(preds: torch.Tensor, target: torch.Tensor) -> float:
         _, ssim_map = structural_similarity(
             np.pad(a.permute(1, 2, 0).numpy(), pad, mode='reflect'),  # numpy's 'reflect' is PyTorch's
             np.pad(b.permute(1, 2, 0).numpy(), pad, mode='reflect'),
-            channel_axis=2, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True,
+            channel_axis=2,
+            data_range=255,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            full=True,
         )
         values.append(ssim_map[radius:-radius, radius:-radius].mean())
     return float(np.mean(values))
@@ -69,8 +74,9 @@ def test_ssim_matches_skimage():
     # Smooth images with strong noise: SSIM about 0.56, where a wrong data range (2 instead of 1 moves
     # it by ~0.02), window width (sigma 3) or window shape (uniform) shows; interior and border both count.
     generator = torch.Generator().manual_seed(3)
-    smooth = torch.nn.functional.interpolate(torch.rand(3, 3, 12, 12, generator=generator), size=(48, 48),
-                                             mode='bicubic', align_corners=False)
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(3, 3, 12, 12, generator=generator), size=(48, 48), mode='bicubic', align_corners=False
+    )
     x = (smooth * 2 - 1).clamp(-1, 1)
     y = (x + 0.4 * torch.randn(3, 3, 48, 48, generator=generator)).clamp(-1, 1)
     metric = ReconstructionSSIM()
@@ -174,8 +180,9 @@ def test_multi_rank_aggregation_equals_single_rank(name):
     }[name]
     single = _merged(factory, [torch.arange(12)], update)
     # Unequal shards (5 and 7 images), as rank_shard gives when N is not divisible by the ranks.
-    sharded = _merged(factory, [torch.arange(0, 12, 2)[:5], torch.cat([torch.arange(1, 12, 2), torch.tensor([10])])],
-                      update)
+    sharded = _merged(
+        factory, [torch.arange(0, 12, 2)[:5], torch.cat([torch.arange(1, 12, 2), torch.tensor([10])])], update
+    )
     torch.testing.assert_close(sharded.double(), single.double(), rtol=1e-5, atol=1e-6)
 
 

@@ -70,7 +70,7 @@ class TinyFeaturesAsInception(TinyFeatures):
 def _feed(metrics, recon, images, batch_size):
     """Feed as the runner's DataLoader does: consecutive batches of ``batch_size``, the last one smaller."""
     for start in range(0, len(images), batch_size):
-        metrics.update(recon[start:start + batch_size], images[start:start + batch_size])
+        metrics.update(recon[start : start + batch_size], images[start : start + batch_size])
     return metrics.compute()
 
 
@@ -136,8 +136,9 @@ def test_ssim_per_batch_as_torchmetrics_called_by_the_reference():
     assert measured == pytest.approx(expected, rel=1e-6)
     # Each deviation moves the number: a fixed data range, a mean over images instead of over
     # batches, a clamped reconstruction, our default protocol (uint8, range 1).
-    fixed = float(torch.stack([StructuralSimilarityIndexMeasure(data_range=2.0)(recon[b], images[b])
-                               for b in batches]).mean())
+    fixed = float(
+        torch.stack([StructuralSimilarityIndexMeasure(data_range=2.0)(recon[b], images[b]) for b in batches]).mean()
+    )
     per_image = _feed(ReferenceMetrics(['ssim'], batch_size=1), recon, images, batch_size=4)['ssim']
     clamped = _feed(ReferenceMetrics(['ssim'], batch_size=2), recon.clamp(-1, 1), images, batch_size=4)['ssim']
     default = ReconstructionSSIM()
@@ -156,8 +157,9 @@ def test_lpips_per_batch_mean_then_mean_over_batches_on_unclamped_recon():
     # The mean over images would be 1.9 / 5; a clamped reconstruction would give 0.05 everywhere.
     per_image = _feed(ReferenceMetrics(['lpips'], lpips_net=MeanAbsDistance()), recon, images, 4)
     assert per_image['lpips'] == pytest.approx(1.9 / 5, rel=1e-6)
-    clamped = _feed(ReferenceMetrics(['lpips'], lpips_net=MeanAbsDistance(), batch_size=2), recon.clamp(-1, 1),
-                    images, 4)
+    clamped = _feed(
+        ReferenceMetrics(['lpips'], lpips_net=MeanAbsDistance(), batch_size=2), recon.clamp(-1, 1), images, 4
+    )
     assert clamped['lpips'] == pytest.approx(0.05, rel=1e-4)
 
 
@@ -168,7 +170,7 @@ def test_ranks_average_as_the_reference_all_reduce():
     for shard in shards:
         metrics = ReferenceMetrics(['ssim', 'lpips'], lpips_net=MeanAbsDistance())
         for start in (0, 2):  # no compute() before the merge: torchmetrics would keep the value it cached
-            metrics.update(recon[shard][start:start + 2], images[shard][start:start + 2])
+            metrics.update(recon[shard][start : start + 2], images[shard][start : start + 2])
         states.append(metrics)
     for name, metric in states[0].table.items():
         metric.merge_state(states[1].table[name])
@@ -201,13 +203,18 @@ def test_psnr_and_fid_equal_pytorch_fid_on_the_written_png_folders(tmp_path):
     reference_dir, decoded_dir = tmp_path / 'ref_images', tmp_path / 'decoded_images'
     assert sorted(p.name for p in reference_dir.iterdir())[:2] == ['ref_image_rank_0_0.png', 'ref_image_rank_0_1.png']
     # The PNGs hold the reference's levels (L98, L122).
-    assert np.array_equal(np.array(Image.open(decoded_dir / 'decoded_image_rank_0_7.png')),
-                          reference_uint8(recon[7]).permute(1, 2, 0).numpy())
+    assert np.array_equal(
+        np.array(Image.open(decoded_dir / 'decoded_image_rank_0_7.png')),
+        reference_uint8(recon[7]).permute(1, 2, 0).numpy(),
+    )
     assert measured['psnr'] == pytest.approx(_folder_psnr(reference_dir, decoded_dir), rel=1e-6)
     # eval.py L148: pytorch-fid on the two folders, references first.
-    stats = [calculate_activation_statistics(sorted(d.iterdir()), TinyFeaturesAsInception(), batch_size=7, dims=5,
-                                             num_workers=0)
-             for d in (reference_dir, decoded_dir)]
+    stats = [
+        calculate_activation_statistics(
+            sorted(d.iterdir()), TinyFeaturesAsInception(), batch_size=7, dims=5, num_workers=0
+        )
+        for d in (reference_dir, decoded_dir)
+    ]
     assert measured['rfid'] == pytest.approx(calculate_frechet_distance(*stats[0], *stats[1]), rel=1e-9)
     # The mean of per-image PSNRs, not the PSNR of the pooled MSE.
     mse = (reference_uint8(recon).float() - reference_uint8(images).float()).pow(2).mean()
@@ -259,7 +266,7 @@ def test_evaluate_reference_ssim_by_hand(class_folder):
     with torch.no_grad():
         recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
     ssim = StructuralSimilarityIndexMeasure()
-    expected = torch.stack([ssim(recon[s:s + 2], images[s:s + 2]) for s in range(0, 5, 2)]).mean()
+    expected = torch.stack([ssim(recon[s : s + 2], images[s : s + 2]) for s in range(0, 5, 2)]).mean()
     assert result['metrics']['ssim'] == pytest.approx(float(expected), rel=1e-5)
     assert result['num_evaluated'] == 5 and result['protocol']['name'] == 'reference'
     with pytest.raises(ValueError, match='multiple of the reference batch size'):
@@ -282,9 +289,25 @@ def test_eval_script_reference_protocol(class_folder, tmp_path, capsys):
     from scripts.eval import main
 
     out, images = tmp_path / 'results.json', tmp_path / 'pngs'
-    argv = ['--vae', str(class_folder / 'vae'), '--data', str(class_folder / 'data'), '--out', str(out),
-            '--resolution', '32', '--batch-size', '2', '--no-progress', '--protocol', 'reference',
-            '--metrics', 'psnr,ssim', '--save-images', str(images)]
+    argv = [
+        '--vae',
+        str(class_folder / 'vae'),
+        '--data',
+        str(class_folder / 'data'),
+        '--out',
+        str(out),
+        '--resolution',
+        '32',
+        '--batch-size',
+        '2',
+        '--no-progress',
+        '--protocol',
+        'reference',
+        '--metrics',
+        'psnr,ssim',
+        '--save-images',
+        str(images),
+    ]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "reference's protocol" in table
@@ -292,7 +315,8 @@ def test_eval_script_reference_protocol(class_folder, tmp_path, capsys):
     assert results['protocol']['name'] == 'reference' and set(results['metrics']) == {'psnr', 'ssim'}
     assert len(list((images / 'decoded_images').iterdir())) == 5
     assert results['metrics']['psnr'] == pytest.approx(
-        _folder_psnr(images / 'ref_images', images / 'decoded_images'), rel=1e-6)
+        _folder_psnr(images / 'ref_images', images / 'decoded_images'), rel=1e-6
+    )
     assert main([*argv[:-2], '--metrics', 'equivariance']) == 2
     assert main(['--vae', 'x', '--data', 'y', '--out', str(out), '--save-images', str(images)]) == 2
 
@@ -302,8 +326,18 @@ def test_eval_script_reference_missing_fid_weights(tmp_path, monkeypatch):
 
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     monkeypatch.delenv('EQVAE_ALLOW_DOWNLOAD', raising=False)
-    argv = ['--vae', str(tmp_path / 'no-vae'), '--data', str(tmp_path / 'no-data'), '--out', str(tmp_path / 'r.json'),
-            '--protocol', 'reference', '--metrics', 'rfid']
+    argv = [
+        '--vae',
+        str(tmp_path / 'no-vae'),
+        '--data',
+        str(tmp_path / 'no-data'),
+        '--out',
+        str(tmp_path / 'r.json'),
+        '--protocol',
+        'reference',
+        '--metrics',
+        'rfid',
+    ]
     with pytest.raises(MissingWeightsError) as info:  # run_cli prints it as one line (tests/test_cli_errors.py)
         main(argv)
     assert REFERENCE_INCEPTION_FILENAME in str(info.value) and '--inception-weights' in str(info.value)
@@ -313,14 +347,30 @@ def test_eval_script_reference_missing_fid_weights(tmp_path, monkeypatch):
 @pytest.mark.multiprocess
 def test_two_processes_count_the_samplers_repeat(class_folder, tmp_path):
     out = tmp_path / 'two.json'
-    argv = ['--vae', str(class_folder / 'vae'), '--data', str(class_folder / 'data'), '--out', str(out),
-            '--resolution', '32', '--batch-size', '2', '--no-progress', '--protocol', 'reference',
-            '--metrics', 'psnr,ssim', '--mode']
+    argv = [
+        '--vae',
+        str(class_folder / 'vae'),
+        '--data',
+        str(class_folder / 'data'),
+        '--out',
+        str(out),
+        '--resolution',
+        '32',
+        '--batch-size',
+        '2',
+        '--no-progress',
+        '--protocol',
+        'reference',
+        '--metrics',
+        'psnr,ssim',
+        '--mode',
+    ]
     composer = str(Path(sys.executable).parent / 'composer')
     # PYTHONPATH: the launched processes import this checkout's package, as pytest does.
     env = {**os.environ, 'PYTHONPATH': str(ROOT)}
-    subprocess.run([composer, '-n', '2', 'scripts/eval.py', *argv], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [composer, '-n', '2', 'scripts/eval.py', *argv], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300
+    )
     results = json.loads(out.read_text())
     assert results['world_size'] == 2 and results['num_images'] == 5 and results['num_evaluated'] == 6
     # By hand: 5 images padded to 6 by the sampler, every image's value (batch size 1) averaged.

@@ -67,13 +67,13 @@ def test_folder_dataset(assets):
 def test_evaluate_independent_of_batch_size_and_mode_differs(assets):
     vae = tiny_vae(seed=1)
     dataset = ImageFolderDataset(assets / 'images', RESOLUTION)
-    kwargs = dict(metrics=['psnr', 'rfid'], protocol=EvalProtocol(RESOLUTION), inception=TinyFeatures(),
-                  progress=False)
+    kwargs = dict(metrics=['psnr', 'rfid'], protocol=EvalProtocol(RESOLUTION), inception=TinyFeatures(), progress=False)
     a = evaluate(vae, dataset, batch_size=4, **kwargs)['metrics']
     b = evaluate(vae, dataset, batch_size=5, **kwargs)['metrics']
     assert a == pytest.approx(b, rel=1e-5)
-    mode = evaluate(vae, dataset, metrics=['psnr'], protocol=EvalProtocol(RESOLUTION, sample_posterior=False),
-                    progress=False)['metrics']
+    mode = evaluate(
+        vae, dataset, metrics=['psnr'], protocol=EvalProtocol(RESOLUTION, sample_posterior=False), progress=False
+    )['metrics']
     assert mode['psnr'] != pytest.approx(a['psnr'], rel=1e-6)
     with pytest.raises(ValueError, match='Inception'):
         evaluate(vae, dataset, metrics=['rfid'], progress=False)
@@ -83,15 +83,37 @@ def test_eval_script_end_to_end(assets, tmp_path, capsys):
     from scripts.eval import main
 
     out = tmp_path / 'results.json'
-    argv = ['--vae', str(assets / 'vae'), '--data', str(assets / 'images'), '--out', str(out), '--resolution',
-            str(RESOLUTION), '--batch-size', '4', '--num-images', '5', '--no-progress',
-            '--metrics', 'psnr,ssim,equivariance,intrinsic_dim']
+    argv = [
+        '--vae',
+        str(assets / 'vae'),
+        '--data',
+        str(assets / 'images'),
+        '--out',
+        str(out),
+        '--resolution',
+        str(RESOLUTION),
+        '--batch-size',
+        '4',
+        '--num-images',
+        '5',
+        '--no-progress',
+        '--metrics',
+        'psnr,ssim,equivariance,intrinsic_dim',
+    ]
     assert main(argv) == 0
     results = json.loads(out.read_text())
     metrics = results['metrics']
     assert results['num_images'] == 5 and results['protocol']['sample_posterior'] is True
-    for key in ['psnr', 'ssim', 'intrinsic_dim', 'equivariance_error/R', 'equivariance_error/S',
-                'equivariance_error/rot90', 'equivariance_error/scale0.25', 'scaled_psnr/0.5']:
+    for key in [
+        'psnr',
+        'ssim',
+        'intrinsic_dim',
+        'equivariance_error/R',
+        'equivariance_error/S',
+        'equivariance_error/rot90',
+        'equivariance_error/scale0.25',
+        'scaled_psnr/0.5',
+    ]:
         assert np.isfinite(metrics[key]), key
     rotations = [metrics[f'equivariance_error/rot{d}'] for d in (90, 180, 270)]
     assert metrics['equivariance_error/R'] == pytest.approx(sum(rotations) / 3)
@@ -108,8 +130,16 @@ def test_missing_weights_fail_fast_with_file_name(tmp_path, monkeypatch):
     with pytest.raises(MissingWeightsError, match=INCEPTION_FILENAME):
         load_inception()
     # The VAE and data do not exist: reaching them would raise, so the weights are checked first.
-    argv = ['--vae', str(tmp_path / 'no-vae'), '--data', str(tmp_path / 'no-data'), '--out', str(tmp_path / 'r.json'),
-            '--metrics', 'psnr,lpips']
+    argv = [
+        '--vae',
+        str(tmp_path / 'no-vae'),
+        '--data',
+        str(tmp_path / 'no-data'),
+        '--out',
+        str(tmp_path / 'r.json'),
+        '--metrics',
+        'psnr,lpips',
+    ]
     with pytest.raises(MissingWeightsError) as info:  # run_cli prints it as one line (tests/test_cli_errors.py)
         main(argv)
     error = str(info.value)
@@ -120,11 +150,27 @@ def test_missing_weights_fail_fast_with_file_name(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_match_one(assets, tmp_path):
-    common = ['--vae', str(assets / 'vae'), '--data', str(assets / 'images'), '--resolution', str(RESOLUTION),
-              '--batch-size', '2', '--metrics', 'psnr,ssim,equivariance', '--no-progress']
+    common = [
+        '--vae',
+        str(assets / 'vae'),
+        '--data',
+        str(assets / 'images'),
+        '--resolution',
+        str(RESOLUTION),
+        '--batch-size',
+        '2',
+        '--metrics',
+        'psnr,ssim,equivariance',
+        '--no-progress',
+    ]
     composer = str(Path(sys.executable).parent / 'composer')
-    subprocess.run([composer, '-n', '2', 'scripts/eval.py', '--out', str(tmp_path / 'two.json'), *common],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [composer, '-n', '2', 'scripts/eval.py', '--out', str(tmp_path / 'two.json'), *common],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     from scripts.eval import main
 
     assert main(['--out', str(tmp_path / 'one.json'), *common]) == 0

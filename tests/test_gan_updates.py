@@ -83,7 +83,7 @@ def _lightning_style(vae, loss, images, draw):
     opt_disc = torch.optim.Adam(disc.parameters(), lr=LR, betas=(0.5, 0.9))
     logged = {}
     for step in range(STEPS):
-        x = images[step * BATCH:(step + 1) * BATCH]
+        x = images[step * BATCH : (step + 1) * BATCH]
         for optimizer_idx in (0, 1):
             branch, tau = draw(step, optimizer_idx)
             logged.setdefault('branches', []).append(branch)
@@ -117,8 +117,10 @@ def _lightning_style(vae, loss, images, draw):
 
 
 def _weights_of(vae, loss):
-    return {**{f'vae.{k}': v for k, v in vae.state_dict().items()},
-            **{f'disc.{k}': v for k, v in loss.discriminator.state_dict().items()}}
+    return {
+        **{f'vae.{k}': v for k, v in vae.state_dict().items()},
+        **{f'disc.{k}': v for k, v in loss.discriminator.state_dict().items()},
+    }
 
 
 def _weights(model):

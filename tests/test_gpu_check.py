@@ -12,22 +12,40 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 #: What the lent machine sends back: eight files at most.
-OUTPUTS = {'gpu_check.json', 'gpu_check.md', 'tests.xml', 'tests.log', 'flops.log', 'bench_train.json',
-           'bench_train.log', 'bench_compile.log'}
+OUTPUTS = {
+    'gpu_check.json',
+    'gpu_check.md',
+    'tests.xml',
+    'tests.log',
+    'flops.log',
+    'bench_train.json',
+    'bench_train.log',
+    'bench_compile.log',
+}
 
 
 @pytest.mark.slow
 def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     # no wheels: this interpreter's packages (a checkout may hold .whl/ for the GPU machine's Python)
     env = {**os.environ, 'OUT': str(tmp_path / 'out'), 'PYTHON': sys.executable, 'GPU_CHECK_WHEELS_DIR': str(tmp_path)}
-    proc = subprocess.run(['bash', str(REPO / 'scripts' / 'gpu_check.sh'), '--dry'], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        ['bash', str(REPO / 'scripts' / 'gpu_check.sh'), '--dry'],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert set(os.listdir(tmp_path / 'out')) == OUTPUTS
     report = json.loads((tmp_path / 'out' / 'gpu_check.json').read_text())
     assert report['mode'] == 'dry' and report['ok']
     assert {name: step['rc'] for name, step in report['steps'].items()} == {
-        'flops': 0, 'cuda_tests': 0, 'bench_train': 0, 'bench_compile': 0}
+        'flops': 0,
+        'cuda_tests': 0,
+        'bench_train': 0,
+        'bench_compile': 0,
+    }
 
     tests = report['cuda_tests']
     assert tests['collected'] >= 10 and tests['failed'] == tests['errors'] == 0

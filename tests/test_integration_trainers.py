@@ -49,7 +49,8 @@ class RecordingDiffusersAutoEncoder(ComposerDiffusersAutoEncoder):
 def _diffusion_trainer(algorithms, size=96, microbatch=2, max_duration='3ba', eval_loader=None):
     torch.manual_seed(0)
     model = RecordingDiffusersAutoEncoder(
-        tiny_vae(), AutoEncoderLoss(lpips_weight=0.25, discriminator_num_filters=8, discriminator_num_layers=3),
+        tiny_vae(),
+        AutoEncoderLoss(lpips_weight=0.25, discriminator_num_filters=8, discriminator_num_layers=3),
     )
     images = [{'image': im} for im in _images(size=size)]
     trainer = Trainer(
@@ -87,7 +88,7 @@ def test_train_metric_target_is_tau_x_of_the_microbatch():
     equivariance = EquivarianceAlgorithm(p_equivariance=1.0, scales=[0.5], rotations=[1])
     model, trainer = _diffusion_trainer([equivariance], microbatch=4, max_duration='1ba')
     trainer.fit()
-    (prediction, target), = model.metric_pairs
+    ((prediction, target),) = model.metric_pairs
     expected = apply_to_image(_images(size=96)[:4], equivariance.transform, 8)
     torch.testing.assert_close(target, expected)
     assert prediction.shape == (4, 3, 48, 48)
@@ -97,7 +98,7 @@ def test_low_resolution_microbatches_give_the_train_metric_the_downscaled_input(
     equivariance = EquivarianceAlgorithm(p_equivariance=0.0, p_lowres=1.0, scales=[0.5])
     model, trainer = _diffusion_trainer([equivariance], microbatch=4, max_duration='1ba')
     trainer.fit()
-    (prediction, target), = model.metric_pairs
+    ((prediction, target),) = model.metric_pairs
     torch.testing.assert_close(target, downscale_image(_images(size=96)[:4], 0.5, 0.5, 8))
     assert prediction.shape == target.shape == (4, 3, 48, 48)
 
@@ -126,9 +127,16 @@ def test_our_model_declares_its_discriminator_minimum():
     model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=3))
     assert model.min_target_size == 24
     images = [{'image': im} for im in _images(size=64)]
-    trainer = Trainer(model=model, train_dataloader=DataLoader(images, batch_size=4), max_duration='1ba',
-                      optimizers=torch.optim.Adam(model.param_groups(lr=1e-4)), algorithms=[EquivarianceAlgorithm()],
-                      device='cpu', progress_bar=False, log_to_console=False)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(images, batch_size=4),
+        max_duration='1ba',
+        optimizers=torch.optim.Adam(model.param_groups(lr=1e-4)),
+        algorithms=[EquivarianceAlgorithm()],
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+    )
     with pytest.raises(ValueError, match='disc_num_layers'):
         trainer.fit()
 
@@ -207,9 +215,17 @@ def test_an_out_of_memory_retry_redraws_from_a_clean_state():
     model = FailingOnce(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_weight=0), message='CUDA out of memory')
     images = [{'image': im} for im in _images(n=4, size=64)]
     algo = EquivarianceAlgorithm(p_equivariance=1.0)
-    trainer = Trainer(model=model, train_dataloader=DataLoader(images, batch_size=4), max_duration='1ba',
-                      optimizers=torch.optim.Adam(model.param_groups(lr=1e-4)), algorithms=[algo],
-                      device_train_microbatch_size=4, device='cpu', progress_bar=False, log_to_console=False)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(images, batch_size=4),
+        max_duration='1ba',
+        optimizers=torch.optim.Adam(model.param_groups(lr=1e-4)),
+        algorithms=[algo],
+        device_train_microbatch_size=4,
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+    )
     trainer.state.auto_microbatching = True  # Composer allows 'auto' on GPUs only; the retry loop is the same
     trainer.fit()
     assert model.failed and trainer.state.device_train_microbatch_size == 2  # it retried with half the size

@@ -24,12 +24,16 @@ def _imports(folder: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize('folder', ['models', 'checkpoints'])
 def test_no_import_from_algorithms(folder):
-    offending = {path: sorted(n for n in names if n.startswith('eqvae_composer.algorithms'))
-                 for path, names in _imports(folder).items()}
+    offending = {
+        path: sorted(n for n in names if n.startswith('eqvae_composer.algorithms'))
+        for path, names in _imports(folder).items()
+    }
     assert not {path: names for path, names in offending.items() if names}
 
 
 def test_evaluation_imports_only_the_functional_transforms():
-    offending = {path: sorted(n for n in names if n.startswith('eqvae_composer.algorithms') and n != TRANSFORMS)
-                 for path, names in _imports('evaluation').items()}
+    offending = {
+        path: sorted(n for n in names if n.startswith('eqvae_composer.algorithms') and n != TRANSFORMS)
+        for path, names in _imports('evaluation').items()
+    }
     assert not {path: names for path, names in offending.items() if names}

@@ -23,8 +23,14 @@ class TinyPerceptual(nn.Module):
 
 
 def _model(learn_logvar=False, disc_factor=1.0, lpips_weight=1.0):
-    loss = VAEGANLoss(lpips=TinyPerceptual(), lpips_weight=lpips_weight, disc_num_filters=8,
-                      learn_logvar=learn_logvar, logvar_init=0.3 if learn_logvar else 0.0, disc_factor=disc_factor)
+    loss = VAEGANLoss(
+        lpips=TinyPerceptual(),
+        lpips_weight=lpips_weight,
+        disc_num_filters=8,
+        learn_logvar=learn_logvar,
+        logvar_init=0.3 if learn_logvar else 0.0,
+        disc_factor=disc_factor,
+    )
     return ComposerAutoencoderKL(tiny_vae(seed=3), loss)
 
 
@@ -160,13 +166,22 @@ def test_disc_start_follows_the_trainer_with_global_step_callback():
 
     from eqvae_composer.callbacks import GlobalStepCallback
 
-    model = ComposerAutoencoderKL(tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=2, disc_num_filters=8,
-                                                         disc_num_layers=1))
+    model = ComposerAutoencoderKL(
+        tiny_vae(), VAEGANLoss(lpips_weight=0, disc_start=2, disc_num_filters=8, disc_num_layers=1)
+    )
     logger = InMemoryLogger()
     images = [{'image': torch.rand(3, 32, 32) * 2 - 1} for _ in range(8)]
-    Trainer(model=model, train_dataloader=DataLoader(images, batch_size=2), max_duration='4ba',
-            optimizers=torch.optim.Adam(model.param_groups(lr=1e-4)), callbacks=[GlobalStepCallback()],
-            loggers=[logger], device='cpu', progress_bar=False, log_to_console=False).fit()
+    Trainer(
+        model=model,
+        train_dataloader=DataLoader(images, batch_size=2),
+        max_duration='4ba',
+        optimizers=torch.optim.Adam(model.param_groups(lr=1e-4)),
+        callbacks=[GlobalStepCallback()],
+        loggers=[logger],
+        device='cpu',
+        progress_bar=False,
+        log_to_console=False,
+    ).fit()
     factors = [float(v) for _, v in logger.data['loss/train/disc_factor']]
     assert factors == [0.0, 0.0, 1.0, 1.0]
 
@@ -187,7 +202,7 @@ def test_nll_kl_normalisation_by_hand():
     outputs = model({'image': x})
     losses = model.loss(outputs, {'image': x})
     post = outputs['posterior']
-    kl = 0.5 * (post.mean ** 2 + post.var - 1 - post.logvar).sum() / 2
+    kl = 0.5 * (post.mean**2 + post.var - 1 - post.logvar).sum() / 2
     expected = (x - outputs['reconstruction']).abs().sum() / 2 + 1e-6 * kl
     torch.testing.assert_close(losses['total'], expected)
 
@@ -313,8 +328,9 @@ def test_always_train_discriminator_trains_it_at_zero_weight_without_touching_th
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     kwargs = dict(lpips_weight=0, disc_weight=0, disc_num_filters=8)
     without = ComposerAutoencoderKL(tiny_vae(seed=4), VAEGANLoss(**kwargs), sample_posterior=False)
-    model = ComposerAutoencoderKL(tiny_vae(seed=4), VAEGANLoss(always_train_discriminator=True, **kwargs),
-                                  sample_posterior=False)
+    model = ComposerAutoencoderKL(
+        tiny_vae(seed=4), VAEGANLoss(always_train_discriminator=True, **kwargs), sample_posterior=False
+    )
     assert without.loss_fn.discriminator is None
     disc = model.loss_fn.discriminator
     assert disc is not None and len(model.param_groups(lr=1e-4)) == 2  # the reference's opt_disc

@@ -22,11 +22,16 @@ def test_composer_builtins_are_named_after_their_modules():
 
 
 def test_builtin_callbacks_and_loggers_configure_a_run(tmp_path, mds):  # noqa: F811
-    cfg = run_config(tmp_path, *mds, callbacks={
-        'optimizer_monitor': {},
-        'early_stopper': {'monitor': 'PSNR', 'dataloader_label': 'eval', 'patience': 3},
-        'lr_monitor': {},
-    }, loggers={'in_memory': {}, 'file': {'filename': str(tmp_path / 'log.txt')}})
+    cfg = run_config(
+        tmp_path,
+        *mds,
+        callbacks={
+            'optimizer_monitor': {},
+            'early_stopper': {'monitor': 'PSNR', 'dataloader_label': 'eval', 'patience': 3},
+            'lr_monitor': {},
+        },
+        loggers={'in_memory': {}, 'file': {'filename': str(tmp_path / 'log.txt')}},
+    )
     trainer = train(cfg, fit=False)
     kinds = {type(c) for c in trainer.state.callbacks}
     assert {OptimizerMonitor, EarlyStopper, LRMonitor} <= kinds

@@ -81,8 +81,14 @@ def test_nan_guard_raises_naming_the_batch_and_the_loss_terms(tmp_path, data, na
 @pytest.mark.slow
 def test_nan_guard_skip_leaves_weights_and_optimizer_untouched(tmp_path, data, nan_kl_at_batch_1, monkeypatch):
     monkeypatch.setitem(train_module.CALLBACKS, 'snapshots', _Snapshots)
-    cfg = _config(tmp_path, data, max_duration='3ba', algorithms={}, callbacks={'snapshots': {}},
-                  nan_guard={'on_nonfinite': 'skip', 'max_skipped': 1})
+    cfg = _config(
+        tmp_path,
+        data,
+        max_duration='3ba',
+        algorithms={},
+        callbacks={'snapshots': {}},
+        nan_guard={'on_nonfinite': 'skip', 'max_skipped': 1},
+    )
     trainer = train(cfg)
     snaps = next(cb for cb in trainer.state.callbacks if isinstance(cb, _Snapshots))
     for b in (0, 2):  # the other batches trained
@@ -97,8 +103,9 @@ def test_nan_guard_skip_leaves_weights_and_optimizer_untouched(tmp_path, data, n
 
 @pytest.mark.slow
 def test_nan_guard_stops_after_max_skipped(tmp_path, data, nan_kl_at_batch_1):
-    cfg = _config(tmp_path, data, max_duration='3ba', algorithms={},
-                  nan_guard={'on_nonfinite': 'skip', 'max_skipped': 0})
+    cfg = _config(
+        tmp_path, data, max_duration='3ba', algorithms={}, nan_guard={'on_nonfinite': 'skip', 'max_skipped': 0}
+    )
     with pytest.raises(NonFiniteError, match='more than nan_guard.max_skipped=0'):
         train(cfg)
 
@@ -134,18 +141,24 @@ def model_must_not_load(monkeypatch):
     monkeypatch.setattr(train_module, 'build_model', refuse)
 
 
-@pytest.mark.parametrize('overrides, error, message', [
-    ({'algorithms': {'equivariance': {'p_equivariance': 1.5}}}, ConfigError,
-     r'^algorithms\.equivariance\.p_equivariance: p_equivariance must be in \[0, 1\]'),
-    ({'algorithms': {'equivariance': {'p_lowres': -0.1}}}, ConfigError, r'^algorithms\.equivariance\.p_lowres'),
-    ({'nan_guard': {'on_nonfinite': 'ignore'}}, ConfigError, r'^nan_guard\.on_nonfinite'),
-    ({'save_folder': 'ftp://host/ckpt'}, ConfigError, 'cannot upload to ftp://'),
-    ({'load_path': '/nonexistent/ep1.pt'}, ConfigError, 'load_path .* does not exist'),
-    ({'load_path': 'ftp://host/ep1.pt'}, ConfigError, 'cannot download from ftp://'),
-    ({'autoresume': True}, ConfigError, 'autoresume needs save_folder'),
-    ({'save_num_checkpoints_to_keep': -2}, ConfigError, 'save_num_checkpoints_to_keep'),
-    ({'global_train_batch_size': 6, 'device_train_microbatch_size': 4}, ConfigError, 'not divisible'),
-])
+@pytest.mark.parametrize(
+    'overrides, error, message',
+    [
+        (
+            {'algorithms': {'equivariance': {'p_equivariance': 1.5}}},
+            ConfigError,
+            r'^algorithms\.equivariance\.p_equivariance: p_equivariance must be in \[0, 1\]',
+        ),
+        ({'algorithms': {'equivariance': {'p_lowres': -0.1}}}, ConfigError, r'^algorithms\.equivariance\.p_lowres'),
+        ({'nan_guard': {'on_nonfinite': 'ignore'}}, ConfigError, r'^nan_guard\.on_nonfinite'),
+        ({'save_folder': 'ftp://host/ckpt'}, ConfigError, 'cannot upload to ftp://'),
+        ({'load_path': '/nonexistent/ep1.pt'}, ConfigError, 'load_path .* does not exist'),
+        ({'load_path': 'ftp://host/ep1.pt'}, ConfigError, 'cannot download from ftp://'),
+        ({'autoresume': True}, ConfigError, 'autoresume needs save_folder'),
+        ({'save_num_checkpoints_to_keep': -2}, ConfigError, 'save_num_checkpoints_to_keep'),
+        ({'global_train_batch_size': 6, 'device_train_microbatch_size': 4}, ConfigError, 'not divisible'),
+    ],
+)
 def test_invalid_config_fails_before_the_model_is_built(tmp_path, data, model_must_not_load, overrides, error, message):
     with pytest.raises(error, match=message):
         train(_config(tmp_path, data, **overrides), fit=False)
@@ -194,8 +207,14 @@ def test_checkpoints_staged_rotated_across_restarts_and_orphans_cleaned(tmp_path
         original(state_dict, filename)
 
     monkeypatch.setattr(composer_checkpoint, '_write_checkpoint_file', spy)
-    common = dict(save_folder=str(folder), save_interval='1ba', save_num_checkpoints_to_keep=2, autoresume=True,
-                  run_name='rot', algorithms={})
+    common = dict(
+        save_folder=str(folder),
+        save_interval='1ba',
+        save_num_checkpoints_to_keep=2,
+        autoresume=True,
+        run_name='rot',
+        algorithms={},
+    )
     train(_config(tmp_path, data, max_duration='3ba', **common))
     assert written == ['.partial-ep0-ba1-rank0.pt', '.partial-ep0-ba2-rank0.pt', '.partial-ep0-ba3-rank0.pt']
     assert _checkpoints(folder) == ['ep0-ba2-rank0.pt', 'ep0-ba3-rank0.pt', 'latest-rank0.pt']

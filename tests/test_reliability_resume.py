@@ -22,8 +22,12 @@ MAX_BATCHES, SAVE_EVERY = 6, 2
 
 def _command(config: Path, save_folder: Path) -> list[str]:
     return [
-        sys.executable, str(REPO / 'train.py'), str(config),
-        f'save_folder={save_folder}', f'max_duration={MAX_BATCHES}ba', f'save_interval={SAVE_EVERY}ba',
+        sys.executable,
+        str(REPO / 'train.py'),
+        str(config),
+        f'save_folder={save_folder}',
+        f'max_duration={MAX_BATCHES}ba',
+        f'save_interval={SAVE_EVERY}ba',
     ]
 
 
@@ -60,8 +64,16 @@ def test_sigkill_mid_epoch_then_same_command_resumes_exactly(tmp_path):
     train_dir = write_mds(tmp_path / 'train', 48)  # 12 batches of 4: the kill lands mid-epoch
     val_dir = write_mds(tmp_path / 'val', 4, seed=1)
     cfg = run_config(
-        tmp_path, train_dir, val_dir, run_name='resume', autoresume=True, eval_interval='4ba',
-        console_log_interval='1ba', model={'eval_metrics': ['PSNR']}, export_folder=None, metrics_file=None,
+        tmp_path,
+        train_dir,
+        val_dir,
+        run_name='resume',
+        autoresume=True,
+        eval_interval='4ba',
+        console_log_interval='1ba',
+        model={'eval_metrics': ['PSNR']},
+        export_folder=None,
+        metrics_file=None,
     )
     config = tmp_path / 'resume.yaml'
     config.write_text(yaml.safe_dump(OmegaConf.to_container(cfg)))
@@ -71,8 +83,9 @@ def test_sigkill_mid_epoch_then_same_command_resumes_exactly(tmp_path):
 
     folder = tmp_path / 'killed'
     cmd = _command(config, folder)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     latest = folder / 'latest-rank0.pt'
     deadline = time.monotonic() + 240
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -41,8 +41,11 @@ def fake_metrics(r: float, s: float, psnr: float) -> dict[str, float]:
 
 
 def test_results_table_has_one_row_per_model():
-    final = {'base': fake_metrics(0.9, 0.8, 25.0), 'control': fake_metrics(0.9, 0.79, 25.1),
-             'eq': fake_metrics(0.5, 0.15, 25.2)}
+    final = {
+        'base': fake_metrics(0.9, 0.8, 25.0),
+        'control': fake_metrics(0.9, 0.79, 25.1),
+        'eq': fake_metrics(0.5, 0.15, 25.2),
+    }
     lines = replicate.results_table(final).splitlines()
     assert len(lines) == 2 + 3
     assert lines[0].count('PSNR D(tau(z))') == 3
@@ -72,8 +75,14 @@ def test_quick_experiment_end_to_end_and_restart(data, tmp_path):
     results = json.loads((docs / 'results' / 'results.json').read_text())
     for model in ('base', 'control', 'eq'):
         metrics = results['final'][model]
-        for key in ('equivariance_error/R', 'equivariance_error/S', 'psnr', 'ssim', 'scaled_psnr/0.25',
-                    'intrinsic_dim'):
+        for key in (
+            'equivariance_error/R',
+            'equivariance_error/S',
+            'psnr',
+            'ssim',
+            'scaled_psnr/0.25',
+            'intrinsic_dim',
+        ):
             assert np.isfinite(metrics[key]), (model, key)
     assert np.isfinite(results['final_2x']['eq']['equivariance_error/S'])
     plan = replicate.QUICK

@@ -96,10 +96,15 @@ def test_shipped_yamls_are_valid(name):
 def test_kl_vae_yamls_are_the_recipe_on_another_vae(name):
     _, hub_id, subfolder = RECIPE_AUTOENCODERS[name]
     run = name.removesuffix('.yaml')
-    recipe_on_it = load_config(REPO / 'yamls' / 'eqvae.yaml', [
-        f'run_name={run}', f'variables.run_dir=runs/{run}', f'model.vae.pretrained={hub_id}',
-        f'model.vae.subfolder={subfolder or "null"}',
-    ])
+    recipe_on_it = load_config(
+        REPO / 'yamls' / 'eqvae.yaml',
+        [
+            f'run_name={run}',
+            f'variables.run_dir=runs/{run}',
+            f'model.vae.pretrained={hub_id}',
+            f'model.vae.subfolder={subfolder or "null"}',
+        ],
+    )
     assert load_config(REPO / 'yamls' / name) == recipe_on_it
 
 
@@ -117,23 +122,28 @@ def test_vqgan_yaml_builds_taming_f16_vqgan_and_its_targets_fit_the_discriminato
 
 def test_reference_yaml_is_the_recipe_with_every_reference_option_on():
     reference = load_config(REPO / 'yamls' / 'eqvae-reference.yaml')
-    recipe_with_options = load_config(REPO / 'yamls' / 'eqvae.yaml', [
-        'run_name=eqvae-sdvae-reference',
-        'variables.run_dir=runs/eqvae-sdvae-reference',
-        'optimizer.gan_updates=alternating',
-        'model.loss.lpips_dropout=true',
-        'model.loss.always_train_discriminator=true',
-        'algorithms.equivariance.shared_draws=true',
-        'algorithms.equivariance.lowres_isotropic=true',
-        'train_loader.dataset.resize_filter=area_cv2',
-        'train_loader.dataset.draft=false',
-    ])
+    recipe_with_options = load_config(
+        REPO / 'yamls' / 'eqvae.yaml',
+        [
+            'run_name=eqvae-sdvae-reference',
+            'variables.run_dir=runs/eqvae-sdvae-reference',
+            'optimizer.gan_updates=alternating',
+            'model.loss.lpips_dropout=true',
+            'model.loss.always_train_discriminator=true',
+            'algorithms.equivariance.shared_draws=true',
+            'algorithms.equivariance.lowres_isotropic=true',
+            'train_loader.dataset.resize_filter=area_cv2',
+            'train_loader.dataset.draft=false',
+        ],
+    )
     assert reference == recipe_with_options
 
 
 def test_alternating_updates_build_the_alternating_optimizer_and_ddp_forced_sync(tmp_path, mds):
-    overrides = {'optimizer': {'gan_updates': 'alternating'},
-                 'model': {'loss': {'disc_weight': 0, 'always_train_discriminator': True}}}
+    overrides = {
+        'optimizer': {'gan_updates': 'alternating'},
+        'model': {'loss': {'disc_weight': 0, 'always_train_discriminator': True}},
+    }
     trainer = train(run_config(tmp_path, *mds, **overrides), fit=False)
     assert isinstance(trainer.state.optimizers[0], AlternatingAdam)
     assert trainer._ddp_sync_strategy == DDPSyncStrategy.FORCED_SYNC  # composer 0.32 internals
@@ -166,16 +176,19 @@ def test_missing_data_path_is_named(tmp_path, mds):
         train(cfg, fit=False)
 
 
-@pytest.mark.parametrize('overrides, message', [
-    ({'global_train_batch_size': 6, 'device_train_microbatch_size': 4}, 'not divisible by device_train_micro'),
-    ({'precision': 'amp_fp16'}, 'fp16 VAEs overflow'),
-    ({'algorithms': {'mixup': {}}}, "unknown algorithms 'mixup'"),
-    ({'algorithms': {'equivariance': {'p_equivariance': 2}}}, 'p_equivariance must be in'),
-    ({'model': {'eval_metrics': ['FID']}}, "unknown eval_metrics"),
-    ({'optimizer': {'gan_updates': 'alternate'}}, "'optimizer.gan_updates'.*expected one of"),
-    # 32 px with the grid's 8/32 gives 8 px images; a 2-layer PatchGAN needs 12.
-    ({'model': {'loss': {'disc_num_layers': 2}}}, r'8 px images.*at least 12 px.*64 px.*disc_num_layers'),
-])
+@pytest.mark.parametrize(
+    'overrides, message',
+    [
+        ({'global_train_batch_size': 6, 'device_train_microbatch_size': 4}, 'not divisible by device_train_micro'),
+        ({'precision': 'amp_fp16'}, 'fp16 VAEs overflow'),
+        ({'algorithms': {'mixup': {}}}, "unknown algorithms 'mixup'"),
+        ({'algorithms': {'equivariance': {'p_equivariance': 2}}}, 'p_equivariance must be in'),
+        ({'model': {'eval_metrics': ['FID']}}, 'unknown eval_metrics'),
+        ({'optimizer': {'gan_updates': 'alternate'}}, "'optimizer.gan_updates'.*expected one of"),
+        # 32 px with the grid's 8/32 gives 8 px images; a 2-layer PatchGAN needs 12.
+        ({'model': {'loss': {'disc_num_layers': 2}}}, r'8 px images.*at least 12 px.*64 px.*disc_num_layers'),
+    ],
+)
 def test_invalid_settings_stop_before_training(tmp_path, mds, overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         train(run_config(tmp_path, *mds, **overrides), fit=False)
@@ -193,8 +206,11 @@ def test_fsdp_without_fsdp_version_2_stops_before_data_or_model_load(tmp_path, m
     else:
         monkeypatch.setenv('FSDP_VERSION', version)
     cfg = run_config(tmp_path, *mds, fsdp={'state_dict_type': 'sharded'})
-    with pytest.raises(ConfigError, match=r'`fsdp` section .* FSDP_VERSION=2 .*FSDP_VERSION=2 composer -n <processes> '
-                       r'train\.py'):
+    with pytest.raises(
+        ConfigError,
+        match=r'`fsdp` section .* FSDP_VERSION=2 .*FSDP_VERSION=2 composer -n <processes> '
+        r'train\.py',
+    ):
         train(cfg, fit=False)
     monkeypatch.setenv('FSDP_VERSION', '2')  # the check passes: the data is built next
     with pytest.raises(AssertionError, match='before the FSDP_VERSION check'):

@@ -38,8 +38,23 @@ def convert_with_streaming(tmp_path: Path, monkeypatch, images: dict[str, int]) 
             pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f'{i}.jpeg', quality=90)
     out = tmp_path / 'mds'
-    monkeypatch.setattr(sys, 'argv', ['imagenet', '--in_root', str(tmp_path / 'raw'), '--out_root', str(out),
-                                      '--splits', ','.join(images), '--compression', 'zstd', '--progress_bar', '0'])
+    monkeypatch.setattr(
+        sys,
+        'argv',
+        [
+            'imagenet',
+            '--in_root',
+            str(tmp_path / 'raw'),
+            '--out_root',
+            str(out),
+            '--splits',
+            ','.join(images),
+            '--compression',
+            'zstd',
+            '--progress_bar',
+            '0',
+        ],
+    )
     streaming_imagenet.main(streaming_imagenet.parse_args())
     return out
 
@@ -117,8 +132,9 @@ def test_two_ranks_count_each_image_once(tmp_path):
     script = REPO / 'tests' / 'distributed' / 'eval_ranks.py'
     args = map(str, (script, tmp_path, train_dir, five, one))
     cmd = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2', *args]
-    result = subprocess.run(cmd, env={**os.environ, 'PYTHONPATH': str(REPO)}, cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        cmd, env={**os.environ, 'PYTHONPATH': str(REPO)}, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['world_size'] == 2
@@ -150,8 +166,11 @@ def test_missing_lpips_weights_stop_before_data_and_autoencoder(tmp_path, monkey
     folder = write_pngs(tmp_path / 'data', 4)
     _no_data_loading(monkeypatch)
     # Reaching the autoencoder would raise a plain FileNotFoundError naming this folder instead.
-    cfg = config(folder, folder, model={'vae': {'config': None, 'pretrained': str(tmp_path / 'no-vae')},
-                                        'loss': {'lpips_weight': 1.0}})
+    cfg = config(
+        folder,
+        folder,
+        model={'vae': {'config': None, 'pretrained': str(tmp_path / 'no-vae')}, 'loss': {'lpips_weight': 1.0}},
+    )
     with pytest.raises(MissingWeightsError, match='vgg16-397923af.pth'):
         train(cfg, fit=False)
 

@@ -16,8 +16,13 @@ from tests.test_loss import TinyPerceptual, reference_updates
 
 
 def _model(disc_factor=1.0, codebook_weight=1.0):
-    loss = VQGANLoss(lpips=TinyPerceptual(), disc_num_filters=8, disc_weight=0.8, disc_factor=disc_factor,
-                     codebook_weight=codebook_weight)
+    loss = VQGANLoss(
+        lpips=TinyPerceptual(),
+        disc_num_filters=8,
+        disc_weight=0.8,
+        disc_factor=disc_factor,
+        codebook_weight=codebook_weight,
+    )
     return ComposerVQModel(tiny_vq(seed=3), loss)
 
 
@@ -143,7 +148,7 @@ def test_codebook_metrics_by_hand():
     perplexity.update(codes[1:])
     dead.update(codes)
     # p = (1/2, 1/4, 0, 1/4): entropy 1.5 log 2, perplexity 2 ** 1.5.
-    assert perplexity.compute().item() == pytest.approx(2 ** 1.5, rel=1e-6)
+    assert perplexity.compute().item() == pytest.approx(2**1.5, rel=1e-6)
     assert dead.compute().item() == 0.25
     uniform = CodebookPerplexity(4)
     uniform.update(torch.arange(4))
@@ -156,8 +161,14 @@ def test_eval_metrics_of_the_vq_model():
     model = ComposerVQModel(tiny_vq(), VQGANLoss(lpips_weight=0, disc_weight=0)).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     metrics = model.get_metrics(is_train=False)
-    assert set(metrics) == {'PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS', 'CodebookPerplexity',
-                            'DeadCodeFraction'}
+    assert set(metrics) == {
+        'PSNR',
+        'SSIM',
+        'EquivarianceErrorR',
+        'EquivarianceErrorS',
+        'CodebookPerplexity',
+        'DeadCodeFraction',
+    }
     with torch.no_grad():
         outputs = model.eval_forward({'image': x})
     for metric in metrics.values():

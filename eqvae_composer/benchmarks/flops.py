@@ -63,8 +63,9 @@ def _autocast_off() -> Iterator[None]:
         yield
 
 
-def count_step_flops(width: int = 128, resolution: int = 256, batch_size: int = 1, device: str = 'meta'
-                     ) -> dict[str, float]:
+def count_step_flops(
+    width: int = 128, resolution: int = 256, batch_size: int = 1, device: str = 'meta'
+) -> dict[str, float]:
     """FLOPs of one training step per image (``torch.utils.flop_counter``'s formulas), on the meta device.
 
     Returns per-image GFLOPs of: the VAE forward and backward alone, ours at full resolution, the
@@ -82,8 +83,11 @@ def count_step_flops(width: int = 128, resolution: int = 256, batch_size: int = 
         if branch == Branch.LOW_RES:
             x = downscale_image(x, tau.scale_h, tau.scale_w, 8)
         entry = latent_entry_point(model.vae)
-        hook = entry.register_forward_pre_hook(lambda m, a: (apply_to_latent(a[0], tau).contiguous(), *a[1:])) \
-            if branch == Branch.EQUIVARIANCE else None
+        hook = (
+            entry.register_forward_pre_hook(lambda m, a: (apply_to_latent(a[0], tau).contiguous(), *a[1:]))
+            if branch == Branch.EQUIVARIANCE
+            else None
+        )
         with FlopCounter() as counter:
             outputs = model({'image': x})
             target = apply_to_image(x, tau, 8) if branch == Branch.EQUIVARIANCE else x
@@ -130,5 +134,3 @@ def count_step_flops(width: int = 128, resolution: int = 256, batch_size: int = 
         'reference_full_res': ae_full + d_full,
         'reference_branch_mix': ae_mix + d_mix,
     }
-
-

@@ -27,7 +27,7 @@ def time_adam_kernels(cfg: BenchConfig, reps: int = 3, steps: int = 20) -> dict[
     kernels = {'for-loop': {'foreach': False}, 'foreach': {'foreach': True}, 'fused': {'fused': True}}
     times: dict[str, list[float]] = {name: [] for name in kernels}
     for rep in range(reps):
-        for name in list(kernels)[rep % 3:] + list(kernels)[:rep % 3]:
+        for name in list(kernels)[rep % 3 :] + list(kernels)[: rep % 3]:
             optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.5, 0.9), **kernels[name])
             optimizer.step()  # allocates the state
             sync(cfg.device)
@@ -71,11 +71,11 @@ def profile_step(cfg: BenchConfig, lpips_net, steps: int = 4, warmup: int = 1) -
         op = event.key.lower()
         group = next((g for g, match in _PROFILE_GROUPS if match(op)), 'everything else (element-wise, copies)')
         grouped[group] += event.self_cpu_time_total
-    lines = [f'PlainLoop, {cfg.resolution} px, width {cfg.width}, batch {cfg.batch_size}, full resolution, '
-             f'{torch.get_num_threads()} thread(s), Adam kernel {cfg.adam_kernel}: {steps} steps of {seconds:.2f} s '
-             f'(under the profiler); share of CPU self time:']
+    lines = [
+        f'PlainLoop, {cfg.resolution} px, width {cfg.width}, batch {cfg.batch_size}, full resolution, '
+        f'{torch.get_num_threads()} thread(s), Adam kernel {cfg.adam_kernel}: {steps} steps of {seconds:.2f} s '
+        f'(under the profiler); share of CPU self time:'
+    ]
     lines += [f'  {group:<46s}{100 * us / total:5.1f}%' for group, us in grouped.items()]
     lines += ['top ops by self CPU time:', events.table(sort_by='self_cpu_time_total', row_limit=12)]
     return lines
-
-

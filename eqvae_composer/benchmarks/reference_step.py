@@ -27,8 +27,13 @@ from eqvae_composer.models import ComposerAutoencoderKL
 __all__ = ['reference_discriminator_loss', 'reference_forward', 'reference_generator_loss', 'toggle_optimizer']
 
 
-def reference_forward(model: ComposerAutoencoderKL, images: torch.Tensor, branch: Branch,
-                      tau: SpatialTransform, sample_posterior: bool = True):
+def reference_forward(
+    model: ComposerAutoencoderKL,
+    images: torch.Tensor,
+    branch: Branch,
+    tau: SpatialTransform,
+    sample_posterior: bool = True,
+):
     """LDM ``AutoencoderKL.forward`` with EQ-VAE's transform: encode, sample, tau(z), decode; and tau(x)."""
     vae, factor = model.vae, model.downsample_factor
     if branch == Branch.LOW_RES:
@@ -42,8 +47,9 @@ def reference_forward(model: ComposerAutoencoderKL, images: torch.Tensor, branch
     return target, vae.decode(z).sample, posterior
 
 
-def reference_generator_loss(model: ComposerAutoencoderKL, x: torch.Tensor, x_hat: torch.Tensor,
-                             posterior) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def reference_generator_loss(
+    model: ComposerAutoencoderKL, x: torch.Tensor, x_hat: torch.Tensor, posterior
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``LPIPSWithDiscriminator.forward(optimizer_idx=0)``: nll + kl + adaptive-weighted generator loss."""
     loss = model.loss_fn
     rec = (x - x_hat).abs()

@@ -92,11 +92,18 @@ TARGETS = (
 
 # --- the reference's step ---------------------------------------------------------------------------
 
+
 class ReferenceLoop:
     """Two Adam optimizers and two full forwards per batch, as the reference trains."""
 
-    def __init__(self, model: ComposerAutoencoderKL, cfg: BenchConfig, autocast: Callable[[], Any],
-                 sample_posterior: bool = True, p_equivariance: float = P_EQUIVARIANCE) -> None:
+    def __init__(
+        self,
+        model: ComposerAutoencoderKL,
+        cfg: BenchConfig,
+        autocast: Callable[[], Any],
+        sample_posterior: bool = True,
+        p_equivariance: float = P_EQUIVARIANCE,
+    ) -> None:
         self.model, self.cfg, self.autocast = model, cfg, autocast
         self.sample_posterior, self.p_equivariance = sample_posterior, p_equivariance
         groups = model.param_groups(cfg.lr)
@@ -132,6 +139,7 @@ class ReferenceLoop:
 
 # --- our math without Composer ----------------------------------------------------------------------
 
+
 def _to(images: torch.Tensor, cfg: BenchConfig) -> torch.Tensor:
     images = images.to(cfg.device)
     return images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else images
@@ -145,8 +153,13 @@ def make_optimizer(model: ComposerAutoencoderKL, cfg: BenchConfig) -> torch.opti
 class PlainLoop:
     """``ComposerAutoencoderKL`` + ``EquivarianceAlgorithm``'s transforms in a bare loop: one forward, one backward."""
 
-    def __init__(self, model: ComposerAutoencoderKL, cfg: BenchConfig, autocast: Callable[[], Any],
-                 p_equivariance: float = P_EQUIVARIANCE) -> None:
+    def __init__(
+        self,
+        model: ComposerAutoencoderKL,
+        cfg: BenchConfig,
+        autocast: Callable[[], Any],
+        p_equivariance: float = P_EQUIVARIANCE,
+    ) -> None:
         self.model, self.cfg, self.autocast, self.p_equivariance = model, cfg, autocast, p_equivariance
         self.optimizer = make_optimizer(model, cfg)
         self.entry = latent_entry_point(model.vae)
@@ -163,7 +176,8 @@ class PlainLoop:
         hook = None
         if branch == Branch.EQUIVARIANCE:
             hook = self.entry.register_forward_pre_hook(
-                lambda module, args: (apply_to_latent(args[0], tau).contiguous(), *args[1:]))
+                lambda module, args: (apply_to_latent(args[0], tau).contiguous(), *args[1:])
+            )
         try:
             with self.autocast():
                 outputs = model({'image': images})
@@ -192,8 +206,8 @@ class _StepImages(torch.utils.data.Dataset):
         return {'image': sample_image(index, self.cfg)}
 
 
-
 # --- the Composer Trainer -----------------------------------------------------------------------------
+
 
 class TrainerLoop:
     """A Composer Trainer, driven ``steps`` batches at a time with ``fit(duration=...)``.
@@ -297,6 +311,7 @@ def build_contender(name: str, cfg: BenchConfig, lpips_net, total_steps: int, re
 
 # --- peak memory, one fresh process per contender (scripts/bench_train.py starts them) ----------------
 
+
 def _proc_status_kib(field: str) -> int:
     with open('/proc/self/status') as f:
         for line in f:
@@ -339,8 +354,17 @@ def measure_memory(name: str, cfg: BenchConfig, lpips_net, reference_bf16: bool 
 
 # --- the benchmark --------------------------------------------------------------------------------------
 
-def bench_resolution(cfg: BenchConfig, reps: int, steps: int, warmup: int, contenders: Sequence[str],
-                     lpips_net, reference_bf16: bool = False, log=print) -> dict[str, Any]:
+
+def bench_resolution(
+    cfg: BenchConfig,
+    reps: int,
+    steps: int,
+    warmup: int,
+    contenders: Sequence[str],
+    lpips_net,
+    reference_bf16: bool = False,
+    log=print,
+) -> dict[str, Any]:
     """Alternate the contenders over ``reps`` repetitions of ``steps`` steps each; per-rep images/s."""
     total = warmup + reps * steps
     built = {name: build_contender(name, cfg, lpips_net, total, reference_bf16) for name in contenders}
@@ -354,8 +378,10 @@ def bench_resolution(cfg: BenchConfig, reps: int, steps: int, warmup: int, conte
         for name in order:
             seconds = built[name].run(steps)
             ips[name].append(steps * cfg.batch_size / seconds)
-        log(f'  [{cfg.resolution}px] rep {rep + 1}/{reps}: '
-            + ', '.join(f'{n} {ips[n][-1]:.2f} img/s' for n in contenders))
+        log(
+            f'  [{cfg.resolution}px] rep {rep + 1}/{reps}: '
+            + ', '.join(f'{n} {ips[n][-1]:.2f} img/s' for n in contenders)
+        )
         order = order[1:] + order[:1]  # rotate: nobody always runs first (or right after the heaviest)
     # Same branches and transforms in every loop: check ours against the sequence the loops used.
     if 'ours' in built:
@@ -366,10 +392,11 @@ def bench_resolution(cfg: BenchConfig, reps: int, steps: int, warmup: int, conte
     return {
         'images_per_second': ips,
         'median_images_per_second': {n: statistics.median(v) for n, v in ips.items()},
-        'ratios': {f'{a}/{b}': statistics.median(x / y for x, y in zip(ips[a], ips[b]))
-                   for a, b, _, _ in TARGETS if a in ips and b in ips},
+        'ratios': {
+            f'{a}/{b}': statistics.median(x / y for x, y in zip(ips[a], ips[b]))
+            for a, b, _, _ in TARGETS
+            if a in ips and b in ips
+        },
         'timed_branches': {b.name: branches.count(int(b)) for b in Branch},
         'adam_kernel': cfg.adam_kernel,
     }
-
-

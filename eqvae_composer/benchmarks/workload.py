@@ -77,17 +77,23 @@ class BenchConfig:
     device: str = 'cpu'
 
 
-def build_model(cfg: BenchConfig, lpips_net: torch.nn.Module | None, sample_posterior: bool = True,
-                seed: int = SEED) -> ComposerAutoencoderKL:
+def build_model(
+    cfg: BenchConfig, lpips_net: torch.nn.Module | None, sample_posterior: bool = True, seed: int = SEED
+) -> ComposerAutoencoderKL:
     """The model every contender trains; the same ``seed`` gives the same initial weights."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(sd_vae_config(cfg.width, cfg.layers_per_block, cfg.resolution))
-    loss = VAEGANLoss(lpips=lpips_net, lpips_weight=1.0 if lpips_net is not None else 0.0,
-                      disc_num_filters=cfg.disc_filters, disc_num_layers=cfg.disc_layers)
-    model = ComposerAutoencoderKL(vae, loss, sample_posterior=sample_posterior,
-                                  gradient_checkpointing=cfg.gradient_checkpointing).to(cfg.device)
+    loss = VAEGANLoss(
+        lpips=lpips_net,
+        lpips_weight=1.0 if lpips_net is not None else 0.0,
+        disc_num_filters=cfg.disc_filters,
+        disc_num_layers=cfg.disc_layers,
+    )
+    model = ComposerAutoencoderKL(
+        vae, loss, sample_posterior=sample_posterior, gradient_checkpointing=cfg.gradient_checkpointing
+    ).to(cfg.device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
@@ -104,7 +110,8 @@ def images_for_step(step: int, cfg: BenchConfig) -> torch.Tensor:
     return torch.stack([sample_image(step * cfg.batch_size + row, cfg) for row in range(cfg.batch_size)])
 
 
-def draw(step: int, microbatch: int = 0, p_equivariance: float = P_EQUIVARIANCE,
-         seed: int = SEED) -> tuple[Branch, SpatialTransform]:
+def draw(
+    step: int, microbatch: int = 0, p_equivariance: float = P_EQUIVARIANCE, seed: int = SEED
+) -> tuple[Branch, SpatialTransform]:
     """The branch and transform ``EquivarianceAlgorithm()`` draws for (step, microbatch) under ``seed``."""
     return EquivarianceAlgorithm(p_equivariance=p_equivariance, p_lowres=P_LOWRES).draw(seed, step, microbatch)

@@ -116,15 +116,21 @@ class ResumableCheckpointSaver(SaveCheckpointHook, CheckpointSaver):
         adopted = []
         for path, fields in list_checkpoints(folder, template, run_name):
             if fields['batch'] > int(now.batch):
-                log.warning('Removing %s: newer than the checkpoint this run resumed from (batch %d); it will '
-                            'be recomputed.', path, int(now.batch))
+                log.warning(
+                    'Removing %s: newer than the checkpoint this run resumed from (batch %d); it will be recomputed.',
+                    path,
+                    int(now.batch),
+                )
                 os.remove(path)
             elif path not in self.saved_checkpoints:
                 adopted.append(path)
         self.saved_checkpoints[:0] = adopted
         if adopted:
-            log.info('Counting %d existing checkpoint(s) towards num_checkpoints_to_keep=%d.', len(adopted),
-                     self.num_checkpoints_to_keep)
+            log.info(
+                'Counting %d existing checkpoint(s) towards num_checkpoints_to_keep=%d.',
+                len(adopted),
+                self.num_checkpoints_to_keep,
+            )
 
     def save_checkpoint(self, state: State, logger: Logger) -> None:
         if state.fsdp_sharded_state_dict_enabled:

@@ -106,8 +106,10 @@ class NaNGuard(Callback):
             what.append(f'gradients of {len(names)} parameter(s) ({shown})')
         if not what:
             what.append('values on another rank')
-        where = (f'at batch {step} (0-based; epoch {int(state.timestamp.epoch)}, '
-                 f'batch {int(state.timestamp.batch_in_epoch)} of the epoch)')
+        where = (
+            f'at batch {step} (0-based; epoch {int(state.timestamp.epoch)}, '
+            f'batch {int(state.timestamp.batch_in_epoch)} of the epoch)'
+        )
         message = f'non-finite {" and ".join(what)} {where}'
 
         if self.on_nonfinite == 'raise':

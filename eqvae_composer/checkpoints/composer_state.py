@@ -79,7 +79,7 @@ def _clean_name(name: str) -> str:
 
 def _vae_part(named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     cleaned = {_clean_name(k): v for k, v in named.items()}
-    return {k[len(VAE_PREFIX):]: v for k, v in cleaned.items() if k.startswith(VAE_PREFIX)}
+    return {k[len(VAE_PREFIX) :]: v for k, v in cleaned.items() if k.startswith(VAE_PREFIX)}
 
 
 def is_composer_checkpoint(obj: Any) -> bool:
@@ -177,7 +177,8 @@ def trained_autoencoder(state: State, ema: bool = True) -> tuple[torch.nn.Module
         ``(vae, 'EMA' | 'raw')``.
     """
     # As Composer lists them in a checkpoint, so that a run's EMA reads the same in and out of one.
-    algorithms = [(EMA.__name__, a.state_dict()) for a in state.algorithms
-                  if isinstance(a, EMA) and a.ema_model is not None]
+    algorithms = [
+        (EMA.__name__, a.state_dict()) for a in state.algorithms if isinstance(a, EMA) and a.ema_model is not None
+    ]
     vae_state, which = _select(_full_model_state(state.model), _ema_state(algorithms), ema)
     return _standalone(unwrap_model(state.model).vae, vae_state), which

@@ -85,8 +85,10 @@ def export_ldm(vae: AutoencoderKL, path: str | os.PathLike, prefix: bool = False
             checkpoint. Default: ``False`` (the layout of the autoencoder's own ``model.ckpt``).
     """
     if not isinstance(vae, AutoencoderKL):
-        raise ValueError(f'LDM key names exist for AutoencoderKL only, not {type(vae).__name__}: export it as a '
-                         'diffusers folder (export_diffusers, scripts/export.py --out).')
+        raise ValueError(
+            f'LDM key names exist for AutoencoderKL only, not {type(vae).__name__}: export it as a '
+            'diffusers folder (export_diffusers, scripts/export.py --out).'
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = diffusers_to_ldm(vae.state_dict(), vae.config, prefix=LDM_PREFIX if prefix else '')

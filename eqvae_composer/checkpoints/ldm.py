@@ -131,7 +131,7 @@ def ldm_to_diffusers(state: Mapping[str, torch.Tensor], config: Mapping[str, Any
         KeyMismatchError: missing or unexpected keys, listed in LDM names.
     """
     prefix = next((p for p in LDM_VAE_PREFIXES if any(k.startswith(p) for k in state)), '')
-    vae_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    vae_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not prefix:
         vae_state = {k: v for k, v in vae_state.items() if not k.startswith(_IGNORED_LDM_PREFIXES)}
     expected = set(ldm_key_map(config).values())

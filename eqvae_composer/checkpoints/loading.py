@@ -248,8 +248,10 @@ def _load_single_file(
     state = _state_dict_of(obj, path)
     if not is_diffusers_state_dict(state):
         if autoencoder_class(resolved) is not AutoencoderKL:
-            raise AutoencoderLoadError(f'{path} does not hold diffusers key names, and LDM key names are converted for '
-                                       'AutoencoderKL only: save the weights with diffusers names (state_dict()).')
+            raise AutoencoderLoadError(
+                f'{path} does not hold diffusers key names, and LDM key names are converted for '
+                'AutoencoderKL only: save the weights with diffusers names (state_dict()).'
+            )
         try:
             state = ldm_to_diffusers(state, resolved)
         except KeyMismatchError as error:

@@ -63,8 +63,10 @@ def check_local_dataset(local: str | None, split: str | None = None) -> None:
     if os.path.isfile(index):
         with open(index) as f:
             if not sum(shard['samples'] for shard in json.load(f)['shards']):
-                raise EmptyDatasetError(f'Dataset folder {path} holds no samples (its index.json lists none); '
-                                        'convert some images into it or point to another folder.')
+                raise EmptyDatasetError(
+                    f'Dataset folder {path} holds no samples (its index.json lists none); '
+                    'convert some images into it or point to another folder.'
+                )
         return
     what = 'does not exist' if not os.path.exists(path) else 'has no index.json, so it is not an MDS dataset'
     # The demo conversion writes <dir>/train and <dir>/val, so point at the parent of a split folder.
@@ -159,8 +161,10 @@ class StreamingImageDataset(EpochWorkHook, StreamingDataset):
         if resize_filter not in RESIZE_FILTERS:
             raise ValueError(f'resize_filter must be one of {RESIZE_FILTERS}, got {resize_filter!r}.')
         if not train and resize_filter != 'bicubic_aa':
-            raise ValueError('resize_filter applies to the training crop; the eval transform is fixed (set it on '
-                             'train_loader.dataset only).')
+            raise ValueError(
+                'resize_filter applies to the training crop; the eval transform is fixed (set it on '
+                'train_loader.dataset only).'
+            )
         streams = streaming_kwargs.get('streams')
         if streams:
             streaming_kwargs['streams'] = _as_streams(streams)

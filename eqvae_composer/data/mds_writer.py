@@ -104,7 +104,8 @@ class LeanMDSWriter(MDSWriter):
         with open(os.path.join(self.local, basename), 'wb') as out:
             out.writelines(pieces)
         raw_data = {'basename': basename, 'bytes': sum(map(len, pieces)), 'hashes': hashes}
-        self.shards.append({'samples': len(self.new_samples), 'raw_data': raw_data, 'zip_data': None,
-                            **self.get_config()})
+        self.shards.append(
+            {'samples': len(self.new_samples), 'raw_data': raw_data, 'zip_data': None, **self.get_config()}
+        )
         future = self.executor.submit(self.cloud_writer.upload_file, basename)
         future.add_done_callback(self.exception_callback)

@@ -120,7 +120,12 @@ def _is_whole(box: Box) -> bool:
 
 
 def decode_crop_resize(
-    img: Image.Image, box: Box, resolution: int, *, draft: bool = True, resize_filter: str = 'bicubic_aa',
+    img: Image.Image,
+    box: Box,
+    resolution: int,
+    *,
+    draft: bool = True,
+    resize_filter: str = 'bicubic_aa',
 ) -> torch.Tensor:
     """Decode ``img``, crop ``box`` and resize it to ``resolution`` x ``resolution`` RGB pixels.
 

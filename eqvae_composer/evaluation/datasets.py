@@ -99,8 +99,8 @@ class ReferenceImageFolder(ImageFolder):
             super().__init__(str(root), transform=reference_transform(resolution))
         except FileNotFoundError as error:
             raise FileNotFoundError(
-                f'--protocol reference reads --data as torchvision\'s ImageFolder, as the reference eval.py does: '
-                f'images inside class subfolders of {root} (move a flat folder\'s images into one subfolder). {error}'
+                f"--protocol reference reads --data as torchvision's ImageFolder, as the reference eval.py does: "
+                f"images inside class subfolders of {root} (move a flat folder's images into one subfolder). {error}"
             ) from error
         self.output_key = output_key
 

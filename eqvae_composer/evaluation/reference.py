@@ -58,12 +58,14 @@ def reference_transform(resolution: int = 256) -> transforms.Compose:
     Args:
         resolution (int): the side of the resize and of the centre crop. Default: ``256``.
     """
-    return transforms.Compose([
-        transforms.ToTensor(),
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-        transforms.CenterCrop(resolution),
-        transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
-    ])
+    return transforms.Compose(
+        [
+            transforms.ToTensor(),
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+            transforms.CenterCrop(resolution),
+            transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        ]
+    )
 
 
 def reference_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -123,8 +125,10 @@ class ReferencePNGWriter:
     def write(self, reconstructions: torch.Tensor, references: torch.Tensor) -> None:
         """Save one batch of uint8 ``(B, 3, H, W)`` images (``reference_uint8``)."""
         for reconstruction, reference in zip(reconstructions, references):
-            for folder, prefix, image in ((self.reference_dir, 'ref_image', reference),
-                                          (self.decoded_dir, 'decoded_image', reconstruction)):
+            for folder, prefix, image in (
+                (self.reference_dir, 'ref_image', reference),
+                (self.decoded_dir, 'decoded_image', reconstruction),
+            ):
                 path = os.path.join(folder, f'{prefix}_rank_{self.rank}_{self.count}.png')
                 Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
             self.count += 1
@@ -187,7 +191,7 @@ class ReferenceMetrics:
             if self.writer is not None:
                 self.writer.write(decoded, references)
         for start in range(0, len(images), self.batch_size):
-            recon, image = reconstructions[start:start + self.batch_size], images[start:start + self.batch_size]
+            recon, image = reconstructions[start : start + self.batch_size], images[start : start + self.batch_size]
             if 'ssim' in table:
                 table['ssim'].update(reference_ssim(recon, image))
             if 'lpips' in table:

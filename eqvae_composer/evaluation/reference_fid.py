@@ -93,7 +93,9 @@ class ReferenceFID(Metric):
         reference = dim_zero_cat(self.reference_features).cpu().double().numpy()
         reconstruction = dim_zero_cat(self.reconstruction_features).cpu().double().numpy()
         distance = calculate_frechet_distance(
-            np.mean(reference, axis=0), np.cov(reference, rowvar=False),
-            np.mean(reconstruction, axis=0), np.cov(reconstruction, rowvar=False),
+            np.mean(reference, axis=0),
+            np.cov(reference, rowvar=False),
+            np.mean(reconstruction, axis=0),
+            np.cov(reconstruction, rowvar=False),
         )
         return torch.tensor(float(distance), dtype=torch.float64)

@@ -38,11 +38,11 @@ def format_markdown(results: Mapping[str, Any], name: str = 'autoencoder') -> st
         lines.append('')
     protocol = results.get('protocol', {})
     num_images, num_evaluated = results.get('num_images', '?'), results.get('num_evaluated')
-    repeats = f' ({num_evaluated} with the sampler\'s repeats)' if num_evaluated not in (None, num_images) else ''
+    repeats = f" ({num_evaluated} with the sampler's repeats)" if num_evaluated not in (None, num_images) else ''
     source = f"the reference's protocol ({protocol['source']}), " if protocol.get('name') == 'reference' else ''
     lines.append(
-        f"{source}{num_images} images{repeats} at {protocol.get('resolution', '?')} px, "
-        f"reconstruction from the {protocol.get('reconstruction_latent', '?')}, "
-        f"{results.get('world_size', 1)} process(es), {results.get('images_per_second', float('nan')):.2f} images/s."
+        f'{source}{num_images} images{repeats} at {protocol.get("resolution", "?")} px, '
+        f'reconstruction from the {protocol.get("reconstruction_latent", "?")}, '
+        f'{results.get("world_size", 1)} process(es), {results.get("images_per_second", float("nan")):.2f} images/s.'
     )
     return '\n'.join(lines)

@@ -242,7 +242,7 @@ def evaluate(
             f'{protocol.reference_batch_size}, so each batch splits into whole reference batches.'
         )
     if image_dir is not None and not reference:
-        raise ValueError('image_dir writes the reference protocol\'s PNG folders; use it with the reference protocol.')
+        raise ValueError("image_dir writes the reference protocol's PNG folders; use it with the reference protocol.")
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     vae.to(device).eval()
     factor = vae_downsample_factor(vae)

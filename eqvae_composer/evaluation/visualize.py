@@ -69,4 +69,3 @@ def image_rows(columns: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Te
 def upsample_nearest(pictures: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Enlarge ``(B, 3, h, w)`` pictures to ``size`` with visible latent cells (nearest neighbour)."""
     return F.interpolate(pictures, size=tuple(size), mode='nearest')
-

@@ -148,8 +148,9 @@ class ComposerAutoencoderKL(GANAutoencoderModel):
             return self.autoencoder(batch[self.image_key], sample_posterior=self.sample_posterior)
 
     def loss(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
-        return self._gan_loss(batch[self.image_key], outputs['reconstruction'], outputs['posterior'],
-                              outputs.get('last_layer_input'))
+        return self._gan_loss(
+            batch[self.image_key], outputs['reconstruction'], outputs['posterior'], outputs.get('last_layer_input')
+        )
 
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
         if outputs is not None:

@@ -91,12 +91,14 @@ class GANAutoencoderModel(ComposerModel):
         ae_params = [p for p in self.parameters() if p.requires_grad and id(p) not in disc_ids]
         groups = [{'params': ae_params, 'lr': lr, 'betas': tuple(betas), 'weight_decay': weight_decay}]
         if disc_params:
-            groups.append({
-                'params': disc_params,
-                'lr': lr if disc_lr is None else disc_lr,
-                'betas': tuple(betas if disc_betas is None else disc_betas),
-                'weight_decay': weight_decay,
-            })
+            groups.append(
+                {
+                    'params': disc_params,
+                    'lr': lr if disc_lr is None else disc_lr,
+                    'betas': tuple(betas if disc_betas is None else disc_betas),
+                    'weight_decay': weight_decay,
+                }
+            )
         return groups
 
     @contextlib.contextmanager
@@ -125,14 +127,25 @@ class GANAutoencoderModel(ComposerModel):
         return torch.no_grad() if self._gan_phase == 'discriminator' else contextlib.nullcontext()
 
     def _gan_loss(
-        self, target: torch.Tensor, reconstruction: torch.Tensor, latent: Any, last_layer_input: torch.Tensor | None,
+        self,
+        target: torch.Tensor,
+        reconstruction: torch.Tensor,
+        latent: Any,
+        last_layer_input: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         """``self.loss_fn`` on one microbatch, with the step, the phase and the decoder's last layer."""
         if self.global_step is None and self.loss_fn.disc_start > 0 and self.training:
             raise RuntimeError(
                 f'disc_start={self.loss_fn.disc_start} needs the training step: add '
-                'eqvae_composer.callbacks.GlobalStepCallback() to the Trainer\'s callbacks (train.py does), or set '
+                "eqvae_composer.callbacks.GlobalStepCallback() to the Trainer's callbacks (train.py does), or set "
                 'model.global_step yourself in a loop of your own.',
             )
-        return self.loss_fn(target, reconstruction, latent, self.vae.decoder.conv_out, last_layer_input,
-                            self.global_step or 0, self._gan_phase)
+        return self.loss_fn(
+            target,
+            reconstruction,
+            latent,
+            self.vae.decoder.conv_out,
+            last_layer_input,
+            self.global_step or 0,
+            self._gan_phase,
+        )

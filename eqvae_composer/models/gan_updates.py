@@ -70,7 +70,7 @@ class AlternatingGANUpdates:
                 if 'finished reduction in the prior iteration' in str(error):  # DDP's bucketed all-reduce
                     raise RuntimeError(
                         'AlternatingGANUpdates under DDP needs Trainer(..., ddp_sync_strategy="forced_sync"): each '
-                        'pass leaves the other side\'s parameters without gradients.',
+                        "pass leaves the other side's parameters without gradients.",
                     ) from error
                 raise
         self._step_side(lambda p: id(p) in disc_ids)

@@ -129,8 +129,10 @@ class ReconstructionGANLoss(nn.Module):
         if lpips_weight > 0 and lpips is None:
             raise ValueError('lpips_weight > 0 needs an LPIPS network (see eqvae_composer.models.load_lpips).')
         if lpips_dropout and (lpips_weight == 0 or not isinstance(lpips, nn.Module)):
-            raise ValueError('lpips_dropout needs lpips_weight > 0 and an LPIPS nn.Module with Dropout layers '
-                             '(see eqvae_composer.models.load_lpips).')
+            raise ValueError(
+                'lpips_dropout needs lpips_weight > 0 and an LPIPS nn.Module with Dropout layers '
+                '(see eqvae_composer.models.load_lpips).'
+            )
         if lpips_dropout:
             with dropout_active(lpips):  # fails now, naming the fix, if it has no Dropout layer
                 pass
@@ -144,7 +146,8 @@ class ReconstructionGANLoss(nn.Module):
         object.__setattr__(self, 'lpips', lpips)
         self.discriminator = (
             PatchGANDiscriminator(disc_in_channels, disc_num_filters, disc_num_layers)
-            if disc_weight > 0 or always_train_discriminator else None
+            if disc_weight > 0 or always_train_discriminator
+            else None
         )
 
     def _nll(self, rec: torch.Tensor) -> torch.Tensor:
@@ -183,11 +186,13 @@ class ReconstructionGANLoss(nn.Module):
         if phase is not None and phase not in GAN_PHASES:
             raise ValueError(f'phase must be None or one of {GAN_PHASES}, got {phase!r}.')
         if phase == 'discriminator' and self.discriminator is None:
-            raise ValueError('the discriminator phase needs a discriminator (disc_weight > 0 or '
-                             'always_train_discriminator).')
+            raise ValueError(
+                'the discriminator phase needs a discriminator (disc_weight > 0 or always_train_discriminator).'
+            )
         with torch.autocast(device_type=target.device.type, enabled=False):
-            terms = self._terms(target.float(), reconstruction.float(), latent, last_layer, last_layer_input,
-                                global_step, phase)
+            terms = self._terms(
+                target.float(), reconstruction.float(), latent, last_layer, last_layer_input, global_step, phase
+            )
         # Only 'total' is differentiated. The other terms are for logging: detached, they do not keep the
         # graphs they came from (LPIPS's, for nll) alive while the trainer holds the loss dict.
         return {name: value if name == 'total' else value.detach() for name, value in terms.items()}
@@ -209,8 +214,9 @@ class ReconstructionGANLoss(nn.Module):
             logits_fake = self.discriminator(fake)
             if logits_real is not None:
                 disc = factor * hinge_discriminator_loss(logits_real, logits_fake)
-                terms.update(disc=disc, logits_real=logits_real.detach().mean(),
-                             logits_fake=logits_fake.detach().mean())
+                terms.update(
+                    disc=disc, logits_real=logits_real.detach().mean(), logits_fake=logits_fake.detach().mean()
+                )
         # The hinge loss's gradient, adding nothing to the value: 'total' is the autoencoder's loss.
         disc_gradient = disc - disc.detach()
         if not trains_autoencoder:
@@ -235,13 +241,14 @@ class ReconstructionGANLoss(nn.Module):
 
         g = -logits_fake.mean()
         terms.update(g=g.detach(), disc_factor=x.new_tensor(factor))
-        trains_generator = (self.disc_weight > 0 and self.training and torch.is_grad_enabled() and x_hat.requires_grad
-                            and factor > 0)
+        trains_generator = (
+            self.disc_weight > 0 and self.training and torch.is_grad_enabled() and x_hat.requires_grad and factor > 0
+        )
         if not trains_generator:
             terms['total'] = value + disc_gradient
             return terms
         if last_layer_input is None:
-            raise ValueError('the adaptive GAN weight needs the input of the decoder\'s last layer.')
+            raise ValueError("the adaptive GAN weight needs the input of the decoder's last layer.")
 
         # The nll graph (through LPIPS) is not needed again: free it now instead of holding it through
         # the discriminator and the backward. D's graph on `fake` is, by `disc`, in the joint pass.
@@ -265,8 +272,13 @@ class ReconstructionGANLoss(nn.Module):
 
         def weight_grad(grad_output: torch.Tensor) -> torch.Tensor:
             return torch.nn.grad.conv2d_weight(
-                h, weight_shape, grad_output, last_layer.stride, last_layer.padding,
-                last_layer.dilation, last_layer.groups,
+                h,
+                weight_shape,
+                grad_output,
+                last_layer.stride,
+                last_layer.padding,
+                last_layer.dilation,
+                last_layer.groups,
             )
 
         ratio = weight_grad(grad_nll).norm() / (weight_grad(grad_g).norm() + 1e-4)

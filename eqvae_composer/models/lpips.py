@@ -82,8 +82,10 @@ def dropout_active(net: torch.nn.Module) -> Iterator[None]:
     """
     layers = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
     if not layers:
-        raise ValueError(f'{type(net).__name__} has no Dropout layer to activate (lpips_dropout needs an LPIPS '
-                         'built with use_dropout=True, as load_lpips does).')
+        raise ValueError(
+            f'{type(net).__name__} has no Dropout layer to activate (lpips_dropout needs an LPIPS '
+            'built with use_dropout=True, as load_lpips does).'
+        )
     for layer in layers:
         layer.train()
     try:

@@ -85,8 +85,12 @@ class VQModelForward(nn.Module):
             with recorded_calls(self.vae.quantize) as quantized, recorded_calls(self.vae.decoder.conv_out) as last:
                 decoded = self.vae.decode(latents)
             _, _, (_, _, codes) = quantized[0][1]
-            outputs.update(reconstruction=decoded.sample, codebook_loss=decoded.commit_loss,
-                           codes=codes.reshape(len(latents), -1), last_layer_input=last[0][0][0])
+            outputs.update(
+                reconstruction=decoded.sample,
+                codebook_loss=decoded.commit_loss,
+                codes=codes.reshape(len(latents), -1),
+                last_layer_input=last[0][0][0],
+            )
         return outputs
 
 
@@ -109,8 +113,14 @@ class ComposerVQModel(GANAutoencoderModel):
         vae: VQModel,
         loss: VQGANLoss | None = None,
         image_key: str = 'image',
-        eval_metrics: Sequence[str] = ('PSNR', 'SSIM', 'EquivarianceErrorR', 'EquivarianceErrorS',
-                                       'CodebookPerplexity', 'DeadCodeFraction'),
+        eval_metrics: Sequence[str] = (
+            'PSNR',
+            'SSIM',
+            'EquivarianceErrorR',
+            'EquivarianceErrorS',
+            'CodebookPerplexity',
+            'DeadCodeFraction',
+        ),
         lpips_metric: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -137,8 +147,9 @@ class ComposerVQModel(GANAutoencoderModel):
             return self.autoencoder(batch[self.image_key])
 
     def loss(self, outputs: dict[str, Any], batch: Any) -> dict[str, torch.Tensor]:
-        return self._gan_loss(batch[self.image_key], outputs['reconstruction'], outputs['codebook_loss'],
-                              outputs.get('last_layer_input'))
+        return self._gan_loss(
+            batch[self.image_key], outputs['reconstruction'], outputs['codebook_loss'], outputs.get('last_layer_input')
+        )
 
     def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
         if outputs is not None:

@@ -24,24 +24,27 @@ EVAL_BATCH = 2
 
 
 def main(out_dir: str, train_dir: str, eval_dir: str, other_eval_dir: str) -> None:
-    trainer = train({
-        'model': {
-            'vae': {'config': tiny_vae_config()},
-            'loss': {'lpips_weight': 0.0, 'disc_num_filters': 8, 'disc_num_layers': 1},
-            'eval_sample_posterior': False,
-            'eval_metrics': ['PSNR', 'EquivarianceErrorR'],
-        },
-        'train_loader': {'dataset': {'local': train_dir, 'resolution': 32}},
-        'eval_loader': {'dataset': {'local': eval_dir, 'resolution': 32}},
-        'global_train_batch_size': 4,
-        'device_eval_batch_size': EVAL_BATCH,
-        'max_duration': '1ba',
-        'eval_interval': '1ba',
-        'precision': 'fp32',
-        'export_folder': os.path.join(out_dir, 'vae'),
-    })
-    other = build_image_dataloader(batch_size=EVAL_BATCH, drop_last=False, local=other_eval_dir, resolution=32,
-                                   train=False)
+    trainer = train(
+        {
+            'model': {
+                'vae': {'config': tiny_vae_config()},
+                'loss': {'lpips_weight': 0.0, 'disc_num_filters': 8, 'disc_num_layers': 1},
+                'eval_sample_posterior': False,
+                'eval_metrics': ['PSNR', 'EquivarianceErrorR'],
+            },
+            'train_loader': {'dataset': {'local': train_dir, 'resolution': 32}},
+            'eval_loader': {'dataset': {'local': eval_dir, 'resolution': 32}},
+            'global_train_batch_size': 4,
+            'device_eval_batch_size': EVAL_BATCH,
+            'max_duration': '1ba',
+            'eval_interval': '1ba',
+            'precision': 'fp32',
+            'export_folder': os.path.join(out_dir, 'vae'),
+        }
+    )
+    other = build_image_dataloader(
+        batch_size=EVAL_BATCH, drop_last=False, local=other_eval_dir, resolution=32, train=False
+    )
     trainer.eval(eval_dataloader=Evaluator(label='other', dataloader=other))
     results = {}
     for label in ('eval', 'other'):

@@ -23,15 +23,17 @@ from tests.conftest import tiny_vae
 
 
 def _shard(module: torch.nn.Module) -> FullyShardedDataParallel:
-    return FullyShardedDataParallel(module, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True,
-                                    device_id=torch.device('cpu'))
+    return FullyShardedDataParallel(
+        module, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True, device_id=torch.device('cpu')
+    )
 
 
 def main(out_dir: str) -> None:
     dist.initialize_dist('cpu')
     rank = dist.get_global_rank()
-    model = ComposerAutoencoderKL(tiny_vae(seed=1), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2),
-                                  sample_posterior=False)
+    model = ComposerAutoencoderKL(
+        tiny_vae(seed=1), VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2), sample_posterior=False
+    )
     unsharded = copy.deepcopy(model)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank)) * 2 - 1
     batch = {'image': images}

@@ -38,21 +38,29 @@ def main(out_dir: str, mode: str, microbatch: int) -> None:
         sampler = dist.get_sampler(dataset, shuffle=False)
         loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler)
     else:  # the same samples, ordered so that microbatch m of each batch holds what rank m would
-        order = [b * GLOBAL_BATCH + r + 2 * k for b in range(SAMPLES // GLOBAL_BATCH) for r in range(2)
-                 for k in range(GLOBAL_BATCH // 2)]
+        order = [
+            b * GLOBAL_BATCH + r + 2 * k
+            for b in range(SAMPLES // GLOBAL_BATCH)
+            for r in range(2)
+            for k in range(GLOBAL_BATCH // 2)
+        ]
         loader = DataLoader([dataset[i] for i in order], batch_size=GLOBAL_BATCH)
 
     vae = tiny_vae(seed=1)
-    model = ComposerAutoencoderKL(vae, VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2),
-                                  sample_posterior=False)
+    model = ComposerAutoencoderKL(
+        vae, VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=2), sample_posterior=False
+    )
     if rank == 0:
         init = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save(init, os.path.join(out_dir, f'{mode}_w{world}_init.pt'))
     lr = 1e-5 * float(os.environ.get('LR_SCALE', '1'))
     alternating = os.environ.get('GAN_UPDATES', 'joint') == 'alternating'
     # SGD: the update is proportional to the gradient, so any gradient mismatch shows in the weights
-    optimizer = AlternatingSGD(model.parameters(), lr=lr, model=model) if alternating else torch.optim.SGD(
-        model.parameters(), lr=lr)
+    optimizer = (
+        AlternatingSGD(model.parameters(), lr=lr, model=model)
+        if alternating
+        else torch.optim.SGD(model.parameters(), lr=lr)
+    )
     trainer = Trainer(
         model=model,
         train_dataloader=loader,

@@ -20,7 +20,9 @@ from tests.test_train import run_config
 
 def main(run_dir: Path) -> None:
     cfg = run_config(
-        run_dir, run_dir / 'train', run_dir / 'val',
+        run_dir,
+        run_dir / 'train',
+        run_dir / 'val',
         fsdp={'state_dict_type': 'sharded', 'reshard_after_forward': True},
         algorithms={'equivariance': {}, 'ema': {'half_life': '1ba'}},
         eval_loader=None,

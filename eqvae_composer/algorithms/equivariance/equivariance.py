@@ -237,8 +237,9 @@ class EquivarianceAlgorithm(Algorithm):
             self._check_hook_ran()
         elif event == Event.BEFORE_LOSS:
             if self._current.branch == Branch.EQUIVARIANCE:
-                self._swap_image(state, lambda x: apply_to_image(x, self._current.transform, self._factor,
-                                                                 **self._resize_kw))
+                self._swap_image(
+                    state, lambda x: apply_to_image(x, self._current.transform, self._factor, **self._resize_kw)
+                )
         elif event == Event.AFTER_LOSS:
             if self._current.original_image is not None:
                 state.batch_set_item(self.image_key, self._current.original_image)
@@ -292,7 +293,11 @@ class EquivarianceAlgorithm(Algorithm):
         return {'interpolation': self.interpolation, 'antialias': self.antialias}
 
     def draw(
-        self, rank_seed: int, batch: int, microbatch: int, pass_index: int = 0,
+        self,
+        rank_seed: int,
+        batch: int,
+        microbatch: int,
+        pass_index: int = 0,
     ) -> tuple[Branch, SpatialTransform]:
         """The branch and transform of one microbatch: a pure function of these seeds and the options.
 
@@ -329,15 +334,19 @@ class EquivarianceAlgorithm(Algorithm):
         if branch == Branch.EQUIVARIANCE:
             self._current.armed = True
         elif branch == Branch.LOW_RES:
-            self._swap_image(state, lambda x: downscale_image(x, transform.scale_h, transform.scale_w, self._factor,
-                                                              **self._resize_kw))
+            self._swap_image(
+                state,
+                lambda x: downscale_image(x, transform.scale_h, transform.scale_w, self._factor, **self._resize_kw),
+            )
         # Fixed keys on every step and rank: Composer's loggers and all-reduces expect that.
-        logger.log_metrics({
-            'eqvae/branch': float(branch),
-            'eqvae/scale_h': transform.scale_h,
-            'eqvae/scale_w': transform.scale_w,
-            'eqvae/rotation_deg': 90.0 * transform.quarter_turns,
-        })
+        logger.log_metrics(
+            {
+                'eqvae/branch': float(branch),
+                'eqvae/scale_h': transform.scale_h,
+                'eqvae/scale_w': transform.scale_w,
+                'eqvae/rotation_deg': 90.0 * transform.quarter_turns,
+            }
+        )
 
     def _check_target_size(self, size: tuple[int, int]) -> None:
         """Fail before any work when the smallest draws would give the model images it cannot take."""

@@ -77,7 +77,10 @@ def scaled_size(size: Sequence[int], scale_h: float, scale_w: float) -> tuple[in
 
 
 def resize(
-    x: torch.Tensor, size: Sequence[int], interpolation: str = 'bilinear', antialias: bool = False,
+    x: torch.Tensor,
+    size: Sequence[int],
+    interpolation: str = 'bilinear',
+    antialias: bool = False,
 ) -> torch.Tensor:
     """Resize the last two dims of ``x`` to ``size`` (a no-op when the size already matches)."""
     size = (int(size[0]), int(size[1]))
@@ -156,14 +159,20 @@ def smallest_target_size(size: int, downsample_factor: int, scales: str | Sequen
 
 
 def check_target_size(
-    size: Sequence[int], downsample_factor: int, scales: str | Sequence[float], min_target_size: int,
+    size: Sequence[int],
+    downsample_factor: int,
+    scales: str | Sequence[float],
+    min_target_size: int,
 ) -> None:
     """Raise ``ValueError`` saying what to change when images of ``size`` give targets under ``min_target_size``."""
     smallest = min(smallest_target_size(int(side), downsample_factor, scales) for side in size)
     if smallest >= min_target_size:
         return
-    needed = next(r for r in range(downsample_factor, 1 << 16, downsample_factor)
-                  if smallest_target_size(r, downsample_factor, scales) >= min_target_size)
+    needed = next(
+        r
+        for r in range(downsample_factor, 1 << 16, downsample_factor)
+        if smallest_target_size(r, downsample_factor, scales) >= min_target_size
+    )
     min_scale = -(-min_target_size // downsample_factor) / (min(size) // downsample_factor)
     raise ValueError(
         f'EquivarianceAlgorithm: at {size[0]}x{size[1]} px the smallest scale {smallest_scale(scales):g} gives '
