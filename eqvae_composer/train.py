@@ -51,7 +51,7 @@ from eqvae_composer.models import (
     load_lpips,
 )
 from eqvae_composer.models.lpips import resolve_lpips_weights
-from eqvae_composer.registry import CALLBACKS, LOGGERS
+from eqvae_composer.registry import CALLBACKS, LOGGERS, SCHEDULERS
 
 __all__ = [
     'ConfigError',
@@ -207,6 +207,9 @@ class TrainConfig:
     run_name: str | None = None
     algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
     callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Composer's learning-rate schedulers by name (e.g. cosine_annealing: {alpha_f: 0.1}); none: constant lr,
+    # as the reference trains.
+    schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
     loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
     nan_guard: NaNGuardConfig | None = field(default_factory=NaNGuardConfig)  # null: no checks
     fsdp: dict[str, Any] | None = None
@@ -482,6 +485,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         except ValueError as error:
             raise ConfigError(f'{_config_key("nan_guard", vars(cfg.nan_guard), error)}: {error}') from None
     loggers = _instantiate(LOGGERS, 'loggers', cfg.loggers)
+    schedulers = _instantiate(SCHEDULERS, 'schedulers', cfg.schedulers)
     saver = _checkpoint_saver(cfg)
 
     # As the Trainer will (same device, same default timeout), but before the datasets: otherwise each
@@ -513,6 +517,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         eval_dataloader=eval_loader,
         eval_interval=cfg.eval_interval if eval_loader is not None else 0,
         optimizers=optimizer,
+        schedulers=schedulers,
         max_duration=cfg.max_duration,
         device_train_microbatch_size=cfg.device_train_microbatch_size or per_device_batch,
         precision=precision,
