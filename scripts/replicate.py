@@ -1,14 +1,23 @@
-"""Reproduce EQ-VAE's claim at small scale on CPU: base -> (eq | control) fine-tunes -> evaluation -> docs.
+"""Reproduce EQ-VAE's claim at small scale on CPU: base -> fine-tunes (arms x seeds) -> evaluation -> docs.
 
-    python scripts/replicate.py                 # the full experiment (docs/RESULTS.md, docs/results/)
-    python scripts/replicate.py --quick --out /tmp/rep --docs /tmp/rep/docs   # a few minutes, a smoke run
+    python scripts/replicate.py                 # the whole experiment (docs/RESULTS.md, docs/results/)
+    python scripts/replicate.py --quick --out /tmp/rep --docs /tmp/rep/docs   # a smoke run of a few minutes
 
-Stages, each skipped when its outputs exist and resumed from its last checkpoint otherwise:
-1. base: a small AutoencoderKL trained from scratch with the ordinary objective (no EquivarianceAlgorithm);
-2. eq: base fine-tuned for M steps with ``EquivarianceAlgorithm()``;
-3. control: base fine-tuned for the same M steps, same seed and data order, without it;
-4. evaluation of every checkpoint on the held-out split (the paper's protocol at the run's resolution),
-   then the table, the plots and ``RESULTS.md``.
+Stages, each cached under ``--out``; the same command started again after a kill resumes where it stopped:
+
+1. data: crops of the demo photographs that are larger than the training resolution, so every training
+   and held-out image is downsampled and has detail down to the pixel (``OUT/data``);
+2. base: a small f8 AutoencoderKL trained from scratch at 128 px (16x16 latents), checkpointed along
+   the way so its held-out PSNR curve shows where it plateaus;
+3. fine-tunes from the base, one per arm and seed (``ARMS``): ``control`` (the same fine-tuning without
+   the regularizer), ``eq`` (``EquivarianceAlgorithm()``), ``eq-alternating`` (eq with the reference's
+   alternating GAN updates), and investigation arms on request;
+4. evaluation of every checkpoint on the held-out split, then tables, plots and ``RESULTS.md``
+   (``replicate_report``).
+
+Up to ``--jobs`` stages run at once, each in its own process with one torch thread (a single stage
+runs alone with all of them) and its own copy of the data: two StreamingDatasets reading one local
+folder at once collide in streaming's shared memory. A stage's process dies with this one.
 
 LPIPS needs VGG16 weights an offline machine lacks, so every stage trains with ``lpips_weight: 0``
 (L1 + KL + adaptive PatchGAN); evaluation leaves out rFID and LPIPS for the same reason.
@@ -17,53 +26,116 @@ LPIPS needs VGG16 weights an offline machine lacks, so every stage trains with `
 from __future__ import annotations
 
 import argparse
-import copy
+import ctypes
 import glob
 import json
 import os
 import re
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+if __package__ in (None, ''):  # run as a file: make `scripts.replicate_report` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
 from eqvae_composer.checkpoints import load_autoencoder
 from eqvae_composer.cli import run_cli
-from eqvae_composer.evaluation import EvalProtocol, build_eval_dataset, dataset_size, evaluate
-from eqvae_composer.evaluation.visualize import image_rows
-from eqvae_composer.introspection import vae_downsample_factor
+from eqvae_composer.data.convert import ConvertOptions, convert_split
+from eqvae_composer.data.demo import write_demo_folders
+from eqvae_composer.data.sources import list_folder
+from eqvae_composer.evaluation import EvalProtocol, build_eval_dataset, evaluate
 from eqvae_composer.train import train
+from scripts import replicate_report
 
-NOTES_MARKER = '<!-- notes: everything below this line is kept when the script rewrites the file -->'
-FINETUNES = ('control', 'eq')
-MODELS = ('base', 'control', 'eq')
+#: The fine-tuning arms: TrainConfig sections merged over the shared fine-tuning config, and what each shows.
+ARMS: dict[str, tuple[dict[str, Any], str]] = {
+    'control': ({}, 'the same fine-tuning without the regularizer'),
+    'eq': ({'algorithms': {'equivariance': {}}}, '`EquivarianceAlgorithm()`, the reference defaults'),
+    'eq-alternating': (
+        {'algorithms': {'equivariance': {}}, 'optimizer': {'gan_updates': 'alternating'}},
+        "eq with the reference's GAN schedule: alternating autoencoder and discriminator updates, two passes",
+    ),
+    # Investigation arms (--arms): which part of the algorithm moves which error.
+    'eq-discrete': (
+        {'algorithms': {'equivariance': {'scales': 'discrete'}}},
+        'eq drawing scales from {0.25, 0.5, 0.75} (the evaluation scales) instead of the s/32 grid',
+    ),
+    'lowres-only': (
+        {'algorithms': {'equivariance': {'p_equivariance': 0.0}}},
+        'the low-resolution prior branch alone (p_equivariance 0, p_lowres 0.25): no transformed latents',
+    ),
+    'eq-no-lowres': (
+        {'algorithms': {'equivariance': {'p_lowres': 0.0}}},
+        'eq without the low-resolution prior branch (p_lowres 0)',
+    ),
+}
+DEFAULT_ARMS = ('control', 'eq', 'eq-alternating')
 
 
 @dataclass(frozen=True)
 class Plan:
     """Sizes and schedules of one experiment."""
 
-    resolution: int = 64
+    resolution: int = 128
     block_out_channels: tuple[int, ...] = (16, 32, 32, 32)
     norm_num_groups: int = 8
     batch_size: int = 8
-    base_steps: int = 2000
+    base_steps: int = 1400
     base_lr: float = 5e-4
-    base_checkpoint_every: int = 250
-    finetune_steps: int = 800
-    finetune_lr: float = 2e-4
+    base_lr_final: float = 0.1  # cosine decay of the base's lr to this fraction, so that it settles
+    base_checkpoint_every: int = 200
+    finetune_steps: int = 400
+    finetune_lr: float = 2e-4  # constant, as the reference fine-tunes
     finetune_evals: int = 4  # checkpoints evaluated along fine-tuning (every M / finetune_evals steps)
+    seeds: tuple[int, ...] = (17, 18)
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    eval_resolutions: tuple[int, ...] = (128, 256)  # the first is where curves and intrinsic dimension are taken
     eval_images: int | None = None  # None: the whole held-out split
-    seed: int = 17
+    crop_sides: tuple[int, int] = (160, 300)  # demo crops' sides: above 128 px, at most chelsea.png's 300
+    train_per_photo: int = 48
+    eval_per_photo: int = 24
+    base_seed: int = 17
+
+    def __post_init__(self) -> None:
+        unknown = [arm for arm in self.arms if arm not in ARMS]
+        if unknown:
+            raise ValueError(f'unknown arms {unknown}; choose from {list(ARMS)}.')
+        if 'control' not in self.arms:
+            raise ValueError('the arms must include control: every other arm is compared with it.')
+
+    @property
+    def stages(self) -> list[str]:
+        """The fine-tuning stages, ``<arm>-s<seed>``, seed by seed."""
+        return [f'{arm}-s{seed}' for seed in self.seeds for arm in self.arms]
 
 
 FULL = Plan()
-QUICK = Plan(base_steps=20, base_checkpoint_every=10, finetune_steps=8, eval_images=8)
+QUICK = Plan(
+    resolution=64,
+    crop_sides=(96, 192),
+    base_steps=16,
+    base_checkpoint_every=8,
+    finetune_steps=4,
+    finetune_evals=2,
+    eval_resolutions=(64, 128),
+    eval_images=6,
+    train_per_photo=4,
+    eval_per_photo=3,
+)
+
+
+def parse_stage(stage: str) -> tuple[str, int]:
+    """``'eq-alternating-s17'`` -> ``('eq-alternating', 17)``."""
+    arm, seed = stage.rsplit('-s', 1)
+    return arm, int(seed)
 
 
 def vae_config(plan: Plan) -> dict[str, Any]:
@@ -82,15 +154,25 @@ def vae_config(plan: Plan) -> dict[str, Any]:
     }
 
 
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
 def stage_config(plan: Plan, stage: str, data: str, out: str, base_vae: str | None = None) -> dict[str, Any]:
-    """The ``TrainConfig`` dict of one stage (``base``, ``eq`` or ``control``)."""
+    """The ``TrainConfig`` dict of one stage (``base`` or ``<arm>-s<seed>``); ``data`` holds ``train/``."""
     run_dir = os.path.join(out, stage)
     finetune = stage != 'base'
+    arm, seed = parse_stage(stage) if finetune else ('base', plan.base_seed)
     steps = plan.finetune_steps if finetune else plan.base_steps
     every = max(1, plan.finetune_steps // plan.finetune_evals) if finetune else plan.base_checkpoint_every
-    return {
+    config = {
         'run_name': f'replicate-{stage}',
-        'seed': plan.seed,  # eq and control share it: same discriminator init, same data order
+        'seed': seed,  # the arms of one seed share it: same discriminator init, data order and noise
         'model': {
             'vae': {'pretrained': base_vae} if finetune else {'config': vae_config(plan)},
             'loss': {
@@ -99,14 +181,15 @@ def stage_config(plan: Plan, stage: str, data: str, out: str, base_vae: str | No
                 'disc_weight': 0.5,
                 'disc_start': 0,
                 'disc_num_filters': 32,
-                # at 64 px the smallest scale (0.25) gives 16 px images: a 3-layer PatchGAN needs 24
+                # the smallest scale (0.25) gives res/4 px images: a 3-layer PatchGAN needs 24
                 'disc_num_layers': 2 if plan.resolution < 128 else 3,
             },
             'eval_metrics': ['PSNR'],
         },
         'train_loader': {'dataset': {'local': os.path.join(data, 'train'), 'resolution': plan.resolution}},
         'optimizer': {'lr': plan.finetune_lr if finetune else plan.base_lr, 'betas': [0.5, 0.9]},
-        'algorithms': {'equivariance': {}} if stage == 'eq' else {},
+        'algorithms': {},
+        'schedulers': {} if finetune else {'cosine_annealing': {'alpha_f': plan.base_lr_final}},
         'global_train_batch_size': plan.batch_size,
         'max_duration': f'{steps}ba',
         'precision': 'fp32',
@@ -118,28 +201,66 @@ def stage_config(plan: Plan, stage: str, data: str, out: str, base_vae: str | No
         'export_folder': os.path.join(run_dir, 'vae'),
         'metrics_file': os.path.join(run_dir, 'metrics.json'),
     }
+    return _merge(config, json.loads(json.dumps(ARMS[arm][0])) if finetune else {})
 
 
-def run_stage(plan: Plan, stage: str, data: str, out: str, base_vae: str | None = None) -> tuple[str, float]:
-    """Train one stage unless its export exists; return the exported VAE folder and its training seconds."""
-    cfg = stage_config(plan, stage, data, out, base_vae)
-    export = cfg['export_folder']
-    seconds_file = os.path.join(out, stage, 'seconds.txt')
-    if os.path.isfile(os.path.join(export, 'config.json')):
-        print(f'[{stage}] done already: {export}', flush=True)
-        return export, float(open(seconds_file).read()) if os.path.isfile(seconds_file) else 0.0
-    print(
-        f'[{stage}] training {cfg["max_duration"]} (resumes from {cfg["save_folder"]} if it has checkpoints)',
-        flush=True,
+# ---------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(path + '.tmp', path)  # a killed write leaves the old file or none, never half of one
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def data_spec(plan: Plan) -> dict[str, Any]:
+    return {'crop_sides': list(plan.crop_sides), 'train': plan.train_per_photo, 'val': plan.eval_per_photo}
+
+
+def prepare_data(plan: Plan, out: str) -> str:
+    """Write the experiment's train / val MDS datasets once (``OUT/data``); return that folder."""
+    data = os.path.join(out, 'data')
+    spec = data_spec(plan)
+    spec_file = os.path.join(data, 'spec.json')
+    if os.path.isfile(spec_file):
+        if _read_json(spec_file) != spec:
+            raise SystemExit(f'error: {data} was written for {_read_json(spec_file)}, not {spec}; use another --out.')
+        return data
+    shutil.rmtree(data, ignore_errors=True)
+    staging = os.path.join(out, 'data-raw')
+    shutil.rmtree(staging, ignore_errors=True)
+    folders = write_demo_folders(
+        staging,
+        train_per_photo=plan.train_per_photo,
+        eval_per_photo=plan.eval_per_photo,
+        crop_sides=plan.crop_sides,
     )
-    start = time.perf_counter()
-    trainer = train(cfg)
-    trainer.close()
-    seconds = time.perf_counter() - start
-    with open(seconds_file, 'w') as f:  # a restarted run reports the time the stage took when it ran
-        f.write(f'{seconds:.1f}')
-    print(f'[{stage}] {seconds:.0f} s', flush=True)
-    return export, seconds
+    for split, folder in folders.items():
+        convert_split(list_folder(folder, split)[0], os.path.join(data, split), ConvertOptions(workers=1))
+    shutil.rmtree(staging)
+    _write_json(spec_file, spec)
+    return data
+
+
+def stage_data(out: str, stage: str) -> str:
+    """The stage's own copy of ``OUT/data`` (see the module docstring for why each stage has one)."""
+    copy = os.path.join(out, stage, 'data')
+    if not os.path.isfile(os.path.join(copy, 'spec.json')):
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(os.path.join(out, 'data'), copy + '.tmp')
+        os.replace(copy + '.tmp', copy)
+    return copy
+
+
+def export_folder(out: str, stage: str) -> str:
+    return os.path.join(out, stage, 'vae')
 
 
 def checkpoints(out: str, stage: str) -> dict[int, str]:
@@ -152,355 +273,331 @@ def checkpoints(out: str, stage: str) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def cached_eval(
-    path: str,
-    source: str,
-    dataset: Any,
-    metrics: Sequence[str],
-    protocol: EvalProtocol,
-    num_images: int | None,
-) -> dict[str, float]:
-    """``evaluate`` a VAE (folder or checkpoint) once; the numbers are cached in ``path``."""
-    if not os.path.isfile(path):
-        start = time.perf_counter()
-        vae = load_autoencoder(source)
-        results = evaluate(vae, dataset, metrics, protocol, num_images=num_images, batch_size=20, progress=False)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'w') as f:
-            json.dump({'source': source, **results, 'total_seconds': time.perf_counter() - start}, f, indent=2)
-    with open(path) as f:
-        return json.load(f)['metrics']
+def _relocate(value: Any, source: str, out: str) -> Any:
+    """``value`` with every path under the run folder ``source`` moved under ``out``."""
+    if isinstance(value, dict):
+        return {key: _relocate(item, source, out) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_relocate(item, source, out) for item in value]
+    if isinstance(value, str) and (value == source or value.startswith(source + os.sep)):
+        return out + value[len(source) :]
+    return value
 
 
-def evaluate_all(plan: Plan, data: str, out: str, exports: dict[str, str]) -> dict[str, Any]:
-    """Final numbers of the three models, and the curves along base training and fine-tuning."""
-    dataset = build_eval_dataset(os.path.join(data, 'val'), plan.resolution)
-    protocol = EvalProtocol(resolution=plan.resolution, sample_posterior=True, seed=0)
+def adopt_base(plan: Plan, out: str, source: str) -> None:
+    """Start ``out`` from the data and trained base of the run folder ``source`` (``--base-from``).
+
+    A fine-tuning variant (longer fine-tuning, another lr) then skips the base's 18 minutes. Refused unless
+    the base was trained as this plan would train it.
+    """
+    if os.path.isfile(done_marker(out, 'base')):
+        return
+    if not os.path.isfile(done_marker(source, 'base')):
+        raise SystemExit(f'error: --base-from {source} has no finished base ({done_marker(source, "base")}).')
+    theirs = _relocate(_read_json(os.path.join(source, 'base', 'config.json')), source, out)
+    mine = stage_config(plan, 'base', os.path.join(out, 'base', 'data'), out)
+    if theirs != mine or _read_json(os.path.join(source, 'data', 'spec.json')) != data_spec(plan):
+        raise SystemExit(f'error: the base in {source} was trained with another plan than this one; drop --base-from.')
+    for folder in ('data', 'base'):
+        shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
+        shutil.copytree(os.path.join(source, folder), os.path.join(out, folder))
+    _write_json(os.path.join(out, 'base', 'config.json'), mine)
+    _write_json(done_marker(out, 'base'), _read_json(done_marker(source, 'base')))
+
+
+def run_training(plan: Plan, stage: str, out: str) -> float:
+    """Train one stage unless its export exists (resuming from its checkpoints); return its training seconds."""
+    seconds_file = os.path.join(out, stage, 'train_seconds.json')
+    base_vae = export_folder(out, 'base') if stage != 'base' else None
+    cfg = stage_config(plan, stage, stage_data(out, stage), out, base_vae)
+    config_file = os.path.join(out, stage, 'config.json')
+    if os.path.isfile(config_file) and _read_json(config_file) != cfg:
+        raise RuntimeError(
+            f'{config_file} holds another configuration for stage {stage} than this plan gives; '
+            'use another --out (or delete the stage folder to retrain it).'
+        )
+    _write_json(config_file, cfg)
+    if os.path.isfile(os.path.join(cfg['export_folder'], 'config.json')) and os.path.isfile(seconds_file):
+        return _read_json(seconds_file)['seconds']
+    start = time.perf_counter()
+    train(cfg).close()
+    seconds = time.perf_counter() - start  # after a kill: the resumed invocation's share only
+    _write_json(seconds_file, {'seconds': seconds})
+    return seconds
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One cached evaluation: what is measured, of which weights, where the numbers go."""
+
+    cache: str
+    source: str
+    resolution: int
+    metrics: tuple[str, ...]
+
+
+_FINAL_METRICS = ('psnr', 'ssim', 'equivariance')
+_CURVE_METRICS = ('psnr', 'ssim', 'equivariance')
+
+
+def stage_evals(plan: Plan, out: str, stage: str) -> list[EvalSpec]:
+    """The evaluations that belong to ``stage``: its curve's checkpoints and its final weights."""
     evals = os.path.join(out, 'evals')
-    final = {
-        name: cached_eval(
-            os.path.join(evals, f'{name}.json'),
-            exports[name],
-            dataset,
-            ['psnr', 'ssim', 'equivariance', 'intrinsic_dim'],
-            protocol,
-            plan.eval_images,
-        )
-        for name in MODELS
-    }
-    # The same models at twice the resolution: at 64 px an f8 latent is 8x8 and scale 0.25 leaves 2x2
-    # cells, where the error measures border effects more than equivariance.
-    double = plan.resolution * 2
-    protocol_2x = EvalProtocol(resolution=double, sample_posterior=True, seed=0)
-    dataset_2x = build_eval_dataset(os.path.join(data, 'val'), double)
-    final_2x = {
-        name: cached_eval(
-            os.path.join(evals, f'{name}-{double}px.json'),
-            exports[name],
-            dataset_2x,
-            ['psnr', 'ssim', 'equivariance'],
-            protocol_2x,
-            plan.eval_images,
-        )
-        for name in MODELS
-    }
-    curve_metrics = ['psnr', 'ssim', 'equivariance']
+    train_res = plan.eval_resolutions[0]
+    specs = []
+    if stage == 'base':
+        for step, path in checkpoints(out, 'base').items():
+            specs.append(EvalSpec(os.path.join(evals, f'base-ba{step}.json'), path, train_res, ('psnr',)))
+    else:
+        for step, path in checkpoints(out, stage).items():
+            if step < plan.finetune_steps:  # the last checkpoint is the final export, measured below
+                specs.append(EvalSpec(os.path.join(evals, f'{stage}-ba{step}.json'), path, train_res, _CURVE_METRICS))
+    for res in plan.eval_resolutions:
+        metrics = _FINAL_METRICS + (('intrinsic_dim',) if res == train_res else ())
+        specs.append(EvalSpec(os.path.join(evals, f'{stage}-{res}px.json'), export_folder(out, stage), res, metrics))
+    return specs
+
+
+def cached_eval(plan: Plan, spec: EvalSpec, val: str) -> dict[str, float]:
+    """``evaluate`` once per spec; the numbers, the protocol and the time are kept in ``spec.cache``."""
+    protocol = EvalProtocol(resolution=spec.resolution, sample_posterior=True, seed=0)
+    key = {'source': os.path.abspath(spec.source), 'metrics': list(spec.metrics), 'num_images': plan.eval_images}
+    if os.path.isfile(spec.cache):
+        record = _read_json(spec.cache)
+        if record.get('key') == key:
+            return record['metrics']
+    start = time.perf_counter()
+    dataset = build_eval_dataset(val, spec.resolution)
+    results = evaluate(
+        load_autoencoder(spec.source),
+        dataset,
+        spec.metrics,
+        protocol,
+        num_images=plan.eval_images,
+        batch_size=24,
+        progress=False,
+    )
+    _write_json(spec.cache, {'key': key, **results, 'total_seconds': time.perf_counter() - start})
+    return results['metrics']
+
+
+def run_stage_job(plan: Plan, out: str, job: str) -> None:
+    """One job of the schedule, in its own process: ``base`` trains; ``base-eval`` and each fine-tune evaluate."""
+    if job == 'base':
+        run_training(plan, 'base', out)
+        return
+    stage = 'base' if job == 'base-eval' else job
+    if stage != 'base':
+        run_training(plan, stage, out)
+    val = os.path.join(stage_data(out, job), 'val')
+    for spec in stage_evals(plan, out, stage):
+        cached_eval(plan, spec, val)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The schedule: jobs as processes, at most --jobs at once
+
+
+@dataclass
+class Job:
+    name: str
+    after: tuple[str, ...] = ()
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    started: float = 0.0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the scheduler dies, so a restart never finds it still running."""
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def done_marker(out: str, job: str) -> str:
+    return os.path.join(out, 'done', f'{job}.json')
+
+
+def schedule(plan: Plan, out: str, max_jobs: int) -> dict[str, float]:
+    """Run every job not yet done, dependencies first; return each job's wall seconds (as recorded)."""
+    jobs = [Job('base'), Job('base-eval', after=('base',))] + [Job(s, after=('base',)) for s in plan.stages]
+    is_done = lambda name: os.path.isfile(done_marker(out, name))  # noqa: E731
+    pending = [job for job in jobs if not is_done(job.name)]
+    running: list[Job] = []
+    failed: list[str] = []
+    os.makedirs(os.path.join(out, 'logs'), exist_ok=True)
+    while (pending and not failed) or running:
+        ready = [job for job in pending if all(is_done(dep) for dep in job.after)]
+        while ready and len(running) < max_jobs and not failed:
+            job = ready.pop(0)
+            pending.remove(job)
+            # A job alone in the schedule (the base) gets every thread; jobs side by side get one each.
+            alone = not running and not [j for j in pending if all(is_done(d) for d in j.after)]
+            threads = max_jobs if alone else 1
+            log = os.path.join(out, 'logs', f'{job.name}.log')
+            command = [sys.executable, os.path.abspath(__file__), '--out', out, '--job', job.name]
+            command += ['--threads', str(threads)]
+            env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'PYTHONUNBUFFERED': '1'}
+            with open(log, 'a') as f:
+                job.process = subprocess.Popen(
+                    command, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+                )
+            job.started = time.perf_counter()
+            running.append(job)
+            print(f'[replicate] {job.name}: started ({threads} thread(s); log {log})', flush=True)
+        time.sleep(1.0)
+        for job in list(running):
+            code = job.process.poll()
+            if code is None:
+                continue
+            running.remove(job)
+            seconds = time.perf_counter() - job.started
+            if code == 0:
+                _write_json(done_marker(out, job.name), {'seconds': seconds})
+                print(f'[replicate] {job.name}: done in {seconds / 60:.1f} min', flush=True)
+            else:
+                failed.append(job.name)
+                print(f'[replicate] {job.name}: FAILED (exit {code}); see {out}/logs/{job.name}.log', flush=True)
+    if failed:
+        raise RuntimeError(f'stages failed: {failed}; their logs are in {out}/logs/. Fix and run the same command.')
+    return {job.name: _read_json(done_marker(out, job.name))['seconds'] for job in jobs}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collecting the numbers
+
+
+def collect(plan: Plan, out: str) -> dict[str, Any]:
+    """Every evaluation's numbers, arranged for the report (all cached by the jobs; computed here if missing)."""
+    val = os.path.join(out, 'data', 'val')
+    train_res = plan.eval_resolutions[0]
+
+    def finals(stage: str) -> dict[int, dict[str, float]]:
+        specs = [s for s in stage_evals(plan, out, stage) if s.source == export_folder(out, stage)]
+        return {spec.resolution: cached_eval(plan, spec, val) for spec in specs}
+
+    base = finals('base')
+    by_seed: dict[int, dict[str, dict[int, dict[str, float]]]] = {}
+    curves: dict[str, dict[int, dict[int, dict[str, float]]]] = {arm: {} for arm in plan.arms}
+    for stage in plan.stages:
+        arm, seed = parse_stage(stage)
+        stage_finals = finals(stage)
+        for res, metrics in stage_finals.items():
+            by_seed.setdefault(res, {}).setdefault(arm, {})[seed] = metrics
+        curve = {0: base[train_res]}
+        for spec in stage_evals(plan, out, stage):
+            match = re.search(r'-ba(\d+)\.json$', spec.cache)
+            if match:
+                curve[int(match.group(1))] = cached_eval(plan, spec, val)
+        curve[plan.finetune_steps] = stage_finals[train_res]
+        curves[arm][seed] = dict(sorted(curve.items()))
     base_curve = {
-        step: cached_eval(
-            os.path.join(evals, f'base-ba{step}.json'), path, dataset, ['psnr'], protocol, plan.eval_images
-        )['psnr']
-        for step, path in checkpoints(out, 'base').items()
+        int(re.search(r'-ba(\d+)\.json$', spec.cache).group(1)): cached_eval(plan, spec, val)['psnr']
+        for spec in stage_evals(plan, out, 'base')
+        if spec.source != export_folder(out, 'base')
     }
-    curves: dict[str, dict[int, dict[str, float]]] = {}
-    for name in FINETUNES:
-        curves[name] = {0: final['base']}
-        for step, path in checkpoints(out, name).items():
-            curves[name][step] = cached_eval(
-                os.path.join(evals, f'{name}-ba{step}.json'), path, dataset, curve_metrics, protocol, plan.eval_images
-            )
-    eval_seconds, eval_files = 0.0, glob.glob(os.path.join(evals, '*.json'))
-    for path in eval_files:
-        with open(path) as f:
-            record = json.load(f)
-        eval_seconds += record.get('total_seconds', record.get('seconds', 0.0))
+    final_at = {
+        res: {'base': base[res], **{arm: replicate_report.mean_metrics(seeds) for arm, seeds in by_arm.items()}}
+        for res, by_arm in by_seed.items()
+    }
+    eval_files = glob.glob(os.path.join(out, 'evals', '*.json'))
     return {
-        'final': final,
-        'final_2x': final_2x,
-        'base_psnr_curve': base_curve,
+        'final': final_at[train_res],
+        'final_by_seed': by_seed[train_res],
+        'final_at': final_at,
+        'final_at_by_seed': by_seed,
+        'base_psnr_curve': dict(sorted(base_curve.items())),
         'finetune_curves': curves,
-        'eval_seconds': eval_seconds,
+        'comparisons': {
+            res: replicate_report.compare_with_control(by_arm, plan.seeds) for res, by_arm in by_seed.items()
+        },
+        'eval_seconds': sum(_read_json(path).get('total_seconds', 0.0) for path in eval_files),
         'num_evaluations': len(eval_files),
-        'protocol': protocol.describe(),
+        'protocol': EvalProtocol(resolution=train_res, sample_posterior=True, seed=0).describe(),
         'num_eval_images': plan.eval_images or 'all',
     }
 
 
-def plot_curves(results: dict[str, Any], path: str) -> None:
-    """Equivariance errors R and S and PSNR of eq and control over fine-tuning steps (+ base training PSNR)."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    colours = {'eq': 'tab:red', 'control': 'tab:blue'}
-    for name, curve in results['finetune_curves'].items():
-        steps = sorted(curve, key=int)
-        for key, style in (('equivariance_error/R', '-o'), ('equivariance_error/S', '--s')):
-            axes[0].plot(
-                steps,
-                [curve[s][key] for s in steps],
-                style,
-                color=colours[name],
-                label=f'{name} {key[-1]}',
-                markersize=4,
-            )
-        axes[1].plot(steps, [curve[s]['psnr'] for s in steps], '-o', color=colours[name], label=name, markersize=4)
-    axes[0].set(title='latent equivariance error (held out)', xlabel='fine-tuning step', ylabel='error')
-    axes[1].set(title='reconstruction PSNR (held out)', xlabel='fine-tuning step', ylabel='dB')
-    base = results['base_psnr_curve']
-    axes[2].plot(sorted(base, key=int), [base[s] for s in sorted(base, key=int)], '-o', color='k', markersize=4)
-    axes[2].set(title='base training: PSNR (held out)', xlabel='base step', ylabel='dB')
-    for ax in axes[:2]:
-        ax.legend(fontsize=8)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-@torch.no_grad()
-def plot_reconstructions(plan: Plan, data: str, exports: dict[str, str], path: str, count: int = 4) -> None:
-    """Per held-out image and transform: tau(x) | D(tau(E(x))) for base, control, eq (E = posterior mode)."""
-    from PIL import Image
-
-    dataset = build_eval_dataset(os.path.join(data, 'val'), plan.resolution)
-    step = max(1, dataset_size(dataset) // count)
-    images = torch.stack([dataset[i * step]['image'] for i in range(count)])
-    vaes = {name: load_autoencoder(exports[name]).eval() for name in MODELS}
-    factor = vae_downsample_factor(vaes['base'])
-    size = (plan.resolution, plan.resolution)
-    blocks = []
-    transforms = (
-        SpatialTransform(),
-        SpatialTransform(0.5, 0.5),
-        SpatialTransform(0.25, 0.25),
-        SpatialTransform(quarter_turns=1),
-        SpatialTransform(0.5, 0.5, quarter_turns=2),
-    )
-    latents = {name: vaes[name].encode(images).latent_dist.mode() for name in MODELS}
-    for tau in transforms:
-        columns = [apply_to_image(images, tau, factor)]
-        for name in MODELS:
-            columns.append(vaes[name].decode(apply_to_latent(latents[name], tau)).sample)
-        blocks.append(image_rows(columns, size))
-    picture = torch.cat(blocks, dim=2)  # transforms side by side, 4 columns each
-    array = (picture.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-    Image.fromarray(array).save(path, optimize=True)
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return f'{value:.{digits}f}'
-
-
-def results_table(final: dict[str, dict[str, float]]) -> str:
-    """The markdown table of the three models."""
-    scales = sorted({k.split('/')[1] for k in final['base'] if k.startswith('scaled_psnr/')}, key=float)
-    head = ['model', 'eq. error R', 'eq. error S', 'PSNR', 'SSIM'] + [f'PSNR D(tau(z)) s={s}' for s in scales]
-    head.append('intrinsic dim')
-    rows = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for name in MODELS:
-        m = final[name]
-        cells = (
-            [
-                name,
-                _fmt(m['equivariance_error/R']),
-                _fmt(m['equivariance_error/S']),
-                _fmt(m['psnr'], 2),
-                _fmt(m['ssim']),
-            ]
-            + [_fmt(m[f'scaled_psnr/{s}'], 2) for s in scales]
-            + [_fmt(m['intrinsic_dim'], 1)]
-        )
-        rows.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(rows)
-
-
-def transform_table(final: dict[str, dict[str, float]]) -> str:
-    """Equivariance error per transform (rows: models), and PSNR."""
-    names = [k.split('/')[1] for k in final['base'] if k.startswith('equivariance_error/') and k[-1] not in 'RS']
-    head = ['model'] + names + ['R', 'S', 'PSNR']
-    rows = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for name in MODELS:
-        m = final[name]
-        cells = [name] + [_fmt(m[f'equivariance_error/{t}']) for t in names + ['R', 'S']] + [_fmt(m['psnr'], 2)]
-        rows.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(rows)
-
-
-def curve_table(curves: dict[str, dict[int, dict[str, float]]]) -> str:
-    """Fine-tuning curves as a markdown table (step; R, S, PSNR for control and eq)."""
-    steps = sorted(set().union(*[set(map(int, c)) for c in curves.values()]))
-    rows = ['| step | control R | control S | control PSNR | eq R | eq S | eq PSNR |', '|---|---|---|---|---|---|---|']
-    for step in steps:
-        cells = [str(step)]
-        for name in FINETUNES:
-            m = curves[name].get(step) or curves[name].get(str(step))
-            cells += (
-                [_fmt(m['equivariance_error/R']), _fmt(m['equivariance_error/S']), _fmt(m['psnr'], 2)]
-                if m
-                else ['', '', '']
-            )
-        rows.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(rows)
-
-
-def write_markdown(path: str, plan: Plan, results: dict[str, Any], command: str, seconds: float) -> None:
-    """``RESULTS.md``: the generated part, then whatever notes the existing file has below ``NOTES_MARKER``."""
-    notes = ''
-    if os.path.isfile(path):
-        with open(path) as f:
-            text = f.read()
-        if NOTES_MARKER in text:
-            notes = text.split(NOTES_MARKER, 1)[1]
-    final = results['final']
-    stage_seconds = results['stage_seconds']
-    base_curve = results['base_psnr_curve']
-    base_points = ', '.join(f'{s}: {v:.2f}' for s, v in sorted(base_curve.items(), key=lambda i: int(i[0])))
-    minutes = {name: stage_seconds.get(name, 0) / 60 for name in MODELS}
-    total = sum(stage_seconds.values()) + results['eval_seconds']
-    text = f"""# EQ-VAE at small scale: results
-
-Generated by `scripts/replicate.py` (issue 8). The claim under test (paper, SD-VAE): fine-tuning with the
-equivariance regularizer lowers the latent equivariance error (R / S 0.93 / 0.80 -> 0.49 / 0.15) at no
-cost in reconstruction, while the same fine-tuning without it does not.
-
-## Setup
-- Data: `{results['data']}/train`, held-out `{results['data']}/val`, at {plan.resolution} px. By default the
-  demo photographs (`python convert_dataset.py --out mds/`): 336 crops of 7 photos for training, 40 crops of
-  2 other photos held out.
-- Model: AutoencoderKL f8, 4 latent channels, block_out_channels {list(plan.block_out_channels)},
-  1 layer per block (SD-VAE's layout at reduced width), trained from scratch.
-- Objective: L1 + 1e-6 KL + adaptive-weight PatchGAN (hinge, {2 if plan.resolution < 128 else 3} layers,
-  disc_weight 0.5, from step 0). **LPIPS off (`lpips_weight: 0`)**: its VGG16 weights are not available
-  offline.
-- base: {plan.base_steps} steps, batch {plan.batch_size}, Adam(0.5, 0.9) lr {plan.base_lr:g}.
-- eq / control: {plan.finetune_steps} steps from base, batch {plan.batch_size}, lr {plan.finetune_lr:g}, same
-  seed ({plan.seed}) and data order; eq adds `EquivarianceAlgorithm()` (reference defaults: p=0.5,
-  scale grid 8/32..31/32, rotations 90/180/270, bilinear). The discriminator starts fresh in both
-  (the exported base holds only the VAE).
-- Evaluation: the project's protocol (`evaluate`, as `scripts/eval.py`) on {results['num_eval_images']}
-  held-out images at {plan.resolution} px, reconstruction from a posterior sample, uint8 quantized; equivariance
-  error on posterior modes, rotations 90/180/270 (R) and scales 0.25/0.5/0.75 (S); rFID and LPIPS
-  left out (no Inception / VGG weights offline).
-
-## Results (held-out split)
-{results_table(final)}
-
-PSNR D(tau(z)) s: PSNR of the decoded scaled latent against the scaled image (the paper's Fig. 3, as PSNR).
-
-Equivariance error per transform, at the training resolution ({plan.resolution} px, latents
-{plan.resolution // 8}x{plan.resolution // 8}):
-
-{transform_table(final)}
-
-The same models evaluated at {2 * plan.resolution} px (latents {plan.resolution // 4}x{plan.resolution // 4};
-they were trained at {plan.resolution} px):
-
-{transform_table(results['final_2x'])}
-
-Over fine-tuning (step 0 = base):
-
-{curve_table(results['finetune_curves'])}
-
-![equivariance error and PSNR over fine-tuning](results/curves.png)
-
-Reconstructions from transformed latents, four held-out images. Five blocks, left to right:
-identity (plain reconstruction), scale 0.5, scale 0.25, rotation 90, scale 0.5 + rotation 180; in each
-block the columns are
-tau(x) | base D(tau(E(x))) | control | eq (smaller images shown at true size, top left).
-
-![tau(x) and D(tau(E(x))) for base, control, eq](results/reconstructions.png)
-
-Base training, held-out PSNR by step: {base_points}.
-
-## Command and time
-```
-{command}
-```
-Time, on a 2-core CPU shared with other jobs, 1 torch thread: **{total / 60:.1f} min** end to end
-(training: base {minutes['base']:.1f} min, control {minutes['control']:.1f} min, eq {minutes['eq']:.1f} min,
-as recorded when each stage ran; {results['num_evaluations']} evaluations {results['eval_seconds'] / 60:.1f} min;
-the last invocation, which wrote this file, took {seconds / 60:.1f} min).
-The numbers are also in `results/results.json`.
-
-{NOTES_MARKER}{notes if notes else chr(10)}"""
-    with open(path, 'w') as f:
-        f.write(text)
+# ---------------------------------------------------------------------------------------------------------
+# Command line
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--data', default='mds', help='MDS root with train/ and val/ (default: mds)')
     parser.add_argument('--out', default=None, help='runs folder (default: runs/replicate, or runs/replicate-quick)')
     parser.add_argument('--docs', default=None, help='where RESULTS.md and results/ go (default: docs, or OUT/docs)')
     parser.add_argument('--quick', action='store_true', help='tiny step counts: a smoke run of a few minutes')
+    parser.add_argument('--arms', nargs='+', choices=list(ARMS), help=f'arms (default: {" ".join(DEFAULT_ARMS)})')
+    parser.add_argument('--seeds', nargs='+', type=int, help='fine-tuning seeds (default: 17 18)')
     parser.add_argument('--base-steps', type=int, default=None)
     parser.add_argument('--finetune-steps', type=int, default=None)
     parser.add_argument('--finetune-lr', type=float, default=None)
     parser.add_argument(
-        '--threads',
-        type=int,
-        default=1,
-        help='torch threads (default 1: on a shared 2-core CPU, 2 threads ran up to 10x slower)',
+        '--base-from', metavar='RUNS', help='start from the data and trained base of another runs folder of this plan'
     )
+    parser.add_argument('--jobs', type=int, default=2, help='stages run at once (default: 2, one per core)')
+    parser.add_argument('--job', help=argparse.SUPPRESS)  # internal: run one stage (the scheduler's child)
+    parser.add_argument('--threads', type=int, default=1, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    overrides = {
+        'base_steps': args.base_steps,
+        'finetune_steps': args.finetune_steps,
+        'finetune_lr': args.finetune_lr,
+        'arms': tuple(args.arms) if args.arms else None,
+        'seeds': tuple(args.seeds) if args.seeds else None,
+    }
+    return replace(QUICK if args.quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _plan_from_json(values: dict[str, Any]) -> Plan:
+    return Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    out = os.path.normpath(args.out or ('runs/replicate-quick' if args.quick else 'runs/replicate'))
+    if args.job:  # a stage of the schedule, in its own process
+        torch.set_num_threads(args.threads)
+        run_stage_job(_plan_from_json(_read_json(os.path.join(out, 'plan.json'))), out, args.job)
+        return 0
     start = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    plan = QUICK if args.quick else FULL
-    overrides = {'base_steps': args.base_steps, 'finetune_steps': args.finetune_steps, 'finetune_lr': args.finetune_lr}
-    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
-    out = args.out or ('runs/replicate-quick' if args.quick else 'runs/replicate')
+    plan = make_plan(args)
     docs = args.docs or (os.path.join(out, 'docs') if args.quick else 'docs')
-    for split in ('train', 'val'):
-        if not os.path.isfile(os.path.join(args.data, split, 'index.json')):
-            print(
-                f'error: no MDS dataset at {args.data}/{split}; run `python convert_dataset.py --out {args.data}`',
-                file=sys.stderr,
-            )
-            return 1
-    os.makedirs(os.path.join(docs, 'results'), exist_ok=True)
-
-    exports, stage_seconds = {}, {}
-    exports['base'], stage_seconds['base'] = run_stage(plan, 'base', args.data, out)
-    for name in FINETUNES:
-        exports[name], stage_seconds[name] = run_stage(plan, name, args.data, out, base_vae=exports['base'])
-
-    print('[eval] evaluating the three models and the intermediate checkpoints', flush=True)
-    results = evaluate_all(plan, args.data, out, exports)
-    plot_curves(results, os.path.join(docs, 'results', 'curves.png'))
-    plot_reconstructions(plan, args.data, exports, os.path.join(docs, 'results', 'reconstructions.png'))
-    seconds = time.perf_counter() - start
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, 'plan.json'), asdict(plan))
+    if args.base_from:
+        adopt_base(plan, out, os.path.normpath(args.base_from))
+    prepare_data(plan, out)
+    job_seconds = schedule(plan, out, max(1, args.jobs))
+    print('[replicate] collecting the evaluations and writing the report', flush=True)
+    results = collect(plan, out)
     command = shlex.join(['python', 'scripts/replicate.py', *(sys.argv[1:] if argv is None else argv)])
     results.update(
         {
-            'data': args.data,
-            'plan': copy.deepcopy(plan.__dict__),
-            'stage_seconds': stage_seconds,
-            'seconds': seconds,
+            'plan': asdict(plan),
+            'arms': {arm: ARMS[arm][1] for arm in plan.arms},
+            'job_seconds': job_seconds,
+            'train_seconds': {
+                stage: _read_json(os.path.join(out, stage, 'train_seconds.json'))['seconds']
+                for stage in ['base', *plan.stages]
+            },
             'command': command,
+            'jobs': args.jobs,
         }
     )
-    with open(os.path.join(docs, 'results', 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2, default=str)
-    write_markdown(os.path.join(docs, 'RESULTS.md'), plan, results, command, seconds)
-    print(results_table(results['final']))
-    print(f'Total wall time: {seconds:.0f} s ({seconds / 60:.1f} min). Wrote {docs}/RESULTS.md', flush=True)
+    os.makedirs(os.path.join(docs, 'results'), exist_ok=True)
+    exports = {'base': export_folder(out, 'base')}
+    exports.update({arm: export_folder(out, f'{arm}-s{plan.seeds[0]}') for arm in plan.arms})
+    replicate_report.plot_curves(results, os.path.join(docs, 'results', 'curves.png'))
+    replicate_report.plot_reconstructions(
+        os.path.join(out, 'data', 'val'), plan.resolution, exports, os.path.join(docs, 'results', 'reconstructions.png')
+    )
+    results['report_seconds'] = time.perf_counter() - start
+    _write_json(os.path.join(docs, 'results', 'results.json'), results)
+    replicate_report.write_markdown(os.path.join(docs, 'RESULTS.md'), results)
+    print(replicate_report.summary_table(results['final_at_by_seed'][plan.eval_resolutions[0]], plan), flush=True)
+    print(f'Wrote {docs}/RESULTS.md ({(time.perf_counter() - start) / 60:.1f} min in this invocation)', flush=True)
     return 0
 
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ['DEMO_EVAL_PHOTOS', 'DEMO_TRAIN_PHOTOS', 'demo_crops', 'write_demo_folders']
+__all__ = ['DEMO_CROP_SIDES', 'DEMO_EVAL_PHOTOS', 'DEMO_TRAIN_PHOTOS', 'demo_crops', 'write_demo_folders']
 
 #: Photographs cropped for training (file names in ``skimage/data``).
 DEMO_TRAIN_PHOTOS = (
@@ -27,7 +27,8 @@ DEMO_TRAIN_PHOTOS = (
 #: Held-out photographs cropped for the eval split.
 DEMO_EVAL_PHOTOS = ('chelsea.png', 'coffee.png')
 
-_CROP_SIDES = (96, 192)  # inclusive range of crop widths/heights in pixels
+#: Inclusive range of crop widths/heights in pixels: the demo trains at 64 px, so its crops are downsampled.
+DEMO_CROP_SIDES = (96, 192)
 _MAX_ASPECT = 1.25  # "square-ish": the reference crop takes a square of the shorter side anyway
 _SEED = 0
 
@@ -38,37 +39,48 @@ def _skimage_data_dir() -> str:
     return os.path.dirname(skimage.data.__file__)
 
 
-def demo_crops(photo: str, count: int, seed: int) -> list[Image.Image]:
+def demo_crops(photo: str, count: int, seed: int, crop_sides: tuple[int, int] = DEMO_CROP_SIDES) -> list[Image.Image]:
     """Deterministic random crops of one scikit-image photograph.
 
     Args:
         photo: File name in ``skimage/data``.
         count: Number of crops.
         seed: Seed of the crop positions and sizes.
+        crop_sides: Inclusive range of the crops' sides in pixels; at most the photograph's shorter
+            side (300 px for ``chelsea.png``). Default: ``DEMO_CROP_SIDES``, [96, 192].
 
     Returns:
-        list[Image.Image]: ``RGB`` crops with sides in [96, 192] and aspect at most 1.25.
+        list[Image.Image]: ``RGB`` crops with sides in ``crop_sides`` and aspect at most 1.25.
     """
     with Image.open(os.path.join(_skimage_data_dir(), photo)) as f:
         img = f.convert('RGB')
+    if min(crop_sides) < 1 or max(crop_sides) > min(img.size) or crop_sides[0] > crop_sides[1]:
+        raise ValueError(f'crop_sides {tuple(crop_sides)} must lie within [1, {min(img.size)}] for {photo} {img.size}.')
     rng = np.random.default_rng(seed)
     crops = []
     for _ in range(count):
-        height = int(rng.integers(_CROP_SIDES[0], _CROP_SIDES[1] + 1))
-        width = int(np.clip(round(height * rng.uniform(1 / _MAX_ASPECT, _MAX_ASPECT)), *_CROP_SIDES))
+        height = int(rng.integers(crop_sides[0], crop_sides[1] + 1))
+        width = int(np.clip(round(height * rng.uniform(1 / _MAX_ASPECT, _MAX_ASPECT)), *crop_sides))
         left = int(rng.integers(0, img.width - width + 1))
         top = int(rng.integers(0, img.height - height + 1))
         crops.append(img.crop((left, top, left + width, top + height)))
     return crops
 
 
-def write_demo_folders(root: str, *, train_per_photo: int = 48, eval_per_photo: int = 20) -> dict[str, str]:
+def write_demo_folders(
+    root: str,
+    *,
+    train_per_photo: int = 48,
+    eval_per_photo: int = 20,
+    crop_sides: tuple[int, int] = DEMO_CROP_SIDES,
+) -> dict[str, str]:
     """Write the demo crops as PNG files, one folder per split.
 
     Args:
         root: Folder to write ``train/<photo>/NNNN.png`` and ``val/<photo>/NNNN.png`` into.
         train_per_photo: Crops per training photograph. Default: ``48`` (336 images).
         eval_per_photo: Crops per held-out photograph. Default: ``20`` (40 images).
+        crop_sides: Range of the crops' sides (see ``demo_crops``). Default: ``DEMO_CROP_SIDES``.
 
     Returns:
         dict[str, str]: Split name -> folder, ready for
@@ -84,6 +96,6 @@ def write_demo_folders(root: str, *, train_per_photo: int = 48, eval_per_photo: 
             folder = os.path.join(folders[split], os.path.splitext(photo)[0])
             os.makedirs(folder, exist_ok=True)
             # Seeds differ per split and photo so no two photographs share a crop pattern.
-            for i, crop in enumerate(demo_crops(photo, count, seed=_SEED + 1000 * (split == 'val') + p)):
+            for i, crop in enumerate(demo_crops(photo, count, _SEED + 1000 * (split == 'val') + p, crop_sides)):
                 crop.save(os.path.join(folder, f'{i:04d}.png'), compress_level=1)
     return folders
