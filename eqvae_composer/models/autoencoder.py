@@ -8,20 +8,10 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
-from torchmetrics import Metric
 
-from eqvae_composer.evaluation.metrics import (
-    LatentEquivarianceError,
-    LPIPSMetric,
-    ReconstructionPSNR,
-    ReconstructionSSIM,
-    equivariance_errors,
-    eval_transforms,
-)
 from eqvae_composer.introspection import vae_downsample_factor
-from eqvae_composer.models.gan_model import GANAutoencoderModel, counted_samples, recorded_calls
+from eqvae_composer.models.gan_model import GANAutoencoderModel, recorded_calls
 from eqvae_composer.models.loss import VAEGANLoss
-from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['AutoencoderKLForward', 'ComposerAutoencoderKL', 'EVAL_METRICS']
 
@@ -111,6 +101,8 @@ class ComposerAutoencoderKL(GANAutoencoderModel):
             Default: ``False``.
     """
 
+    EVAL_METRICS = EVAL_METRICS
+
     def __init__(
         self,
         vae: AutoencoderKL,
@@ -123,9 +115,6 @@ class ComposerAutoencoderKL(GANAutoencoderModel):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(eval_metrics) - set(EVAL_METRICS))
-        if unknown:
-            raise ValueError(f'unknown eval_metrics {unknown}; choose from {sorted(EVAL_METRICS)}.')
         if gradient_checkpointing:
             vae.enable_gradient_checkpointing()
         self.autoencoder = AutoencoderKLForward(vae)
@@ -133,10 +122,7 @@ class ComposerAutoencoderKL(GANAutoencoderModel):
         self.image_key = image_key
         self.sample_posterior = sample_posterior
         self.eval_sample_posterior = eval_sample_posterior
-        self.eval_metric_names = tuple(eval_metrics)
-        object.__setattr__(self, '_lpips_metric_net', lpips_metric or self.loss_fn.lpips)
-        if 'LPIPS' in self.eval_metric_names and self._lpips_metric_net is None:
-            raise ValueError('the LPIPS eval metric needs an LPIPS network (see load_lpips).')
+        self._set_eval_metrics(eval_metrics, lpips_metric)
         self.downsample_factor = vae_downsample_factor(vae)
 
     @property
@@ -152,48 +138,5 @@ class ComposerAutoencoderKL(GANAutoencoderModel):
             batch[self.image_key], outputs['reconstruction'], outputs['posterior'], outputs.get('last_layer_input')
         )
 
-    def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
-        if outputs is not None:
-            return outputs
-        images = batch[self.image_key]
-        outputs = self.autoencoder(images, sample_posterior=self.eval_sample_posterior)
-        wants = {name for name in self.eval_metric_names if name.startswith('EquivarianceError')}
-        if wants:
-            # Each encode is its own forward call of the wrapped module, so FSDP gathers for it.
-            def encode(x: torch.Tensor) -> torch.Tensor:
-                return self.autoencoder(x, decode=False)['posterior'].mode()
-
-            latents = outputs['posterior'].mode()
-            outputs['equivariance'] = {
-                kind: equivariance_errors(encode, images, taus, self.downsample_factor, latents)
-                for kind, taus in eval_transforms().items()
-                if f'EquivarianceError{kind[0].upper()}' in wants
-            }
-        return outputs
-
-    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
-        # No train metrics: under EquivarianceAlgorithm the training outputs are D(tau(z)), which
-        # Composer would compare with an untransformed copy of the batch.
-        if is_train:
-            return {}
-        factories = {
-            'PSNR': ReconstructionPSNR,
-            'SSIM': ReconstructionSSIM,
-            'LPIPS': LPIPSMetric,
-            'EquivarianceErrorR': lambda: LatentEquivarianceError('rotation'),
-            'EquivarianceErrorS': lambda: LatentEquivarianceError('scale'),
-        }
-        return {name: factories[name]() for name in self.eval_metric_names}
-
-    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        keep = counted_samples(batch)
-        if keep is None:
-            return
-        target, reconstruction = batch[self.image_key][keep], outputs['reconstruction'][keep]
-        if isinstance(metric, LatentEquivarianceError):
-            metric.update(outputs['equivariance'][metric.kind][:, keep])
-        elif isinstance(metric, LPIPSMetric):
-            with torch.no_grad():
-                metric.update(lpips_distance(self._lpips_metric_net, target, reconstruction))
-        else:
-            metric.update(reconstruction, target)
+    def _equivariance_latent(self, outputs: dict[str, Any]) -> torch.Tensor:
+        return outputs['posterior'].mode()

@@ -8,15 +8,25 @@ and its input (the adaptive weight), and builds the two optimizer parameter grou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from composer.models import ComposerModel
 from torch import nn
+from torchmetrics import Metric
 
 from eqvae_composer.data.dataset import PADDING_KEY
+from eqvae_composer.evaluation.metrics import (
+    LatentEquivarianceError,
+    LPIPSMetric,
+    ReconstructionPSNR,
+    ReconstructionSSIM,
+    equivariance_errors,
+    eval_transforms,
+)
 from eqvae_composer.models.loss import GAN_PHASES, ReconstructionGANLoss
+from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['GANAutoencoderModel', 'counted_samples', 'recorded_calls']
 
@@ -52,11 +62,15 @@ def recorded_calls(module: nn.Module) -> Iterator[list[tuple[tuple, Any]]]:
 class GANAutoencoderModel(ComposerModel):
     """A ComposerModel around one diffusers autoencoder (``self.vae``) trained with a ``ReconstructionGANLoss``.
 
-    Subclasses set ``self.loss_fn`` and define ``vae``; ``forward`` runs under ``_forward_grad()`` and
-    ``loss`` calls ``_gan_loss``.
+    Subclasses set ``self.loss_fn``, then call ``_set_eval_metrics``; they define ``vae``, ``EVAL_METRICS``
+    and ``_equivariance_latent``; ``forward`` runs under ``_forward_grad()`` and ``loss`` calls ``_gan_loss``.
+    The eval metrics (reconstruction, LPIPS, equivariance) are shared; a subclass adds its own through
+    ``_metric_factories`` and ``update_metric``.
     """
 
     loss_fn: ReconstructionGANLoss
+    #: Metric name -> what it measures on the eval set.
+    EVAL_METRICS: Mapping[str, str] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -149,3 +163,73 @@ class GANAutoencoderModel(ComposerModel):
             self.global_step or 0,
             self._gan_phase,
         )
+
+    # -----------------------------------------------------------------------------------------------------
+    # Evaluation
+
+    def _set_eval_metrics(self, eval_metrics: Sequence[str], lpips_metric: nn.Module | None) -> None:
+        unknown = sorted(set(eval_metrics) - set(self.EVAL_METRICS))
+        if unknown:
+            raise ValueError(f'unknown eval_metrics {unknown}; choose from {sorted(self.EVAL_METRICS)}.')
+        self.eval_metric_names = tuple(eval_metrics)
+        # Not a submodule: the metric's network is the loss's (or frozen), never trained or checkpointed twice.
+        object.__setattr__(self, '_lpips_metric_net', lpips_metric or self.loss_fn.lpips)
+        if 'LPIPS' in self.eval_metric_names and self._lpips_metric_net is None:
+            raise ValueError('the LPIPS eval metric needs an LPIPS network (see load_lpips).')
+
+    def _equivariance_latent(self, outputs: dict[str, Any]) -> torch.Tensor:
+        """The latent whose equivariance the eval measures, from an encode-only output of ``self.autoencoder``."""
+        raise NotImplementedError
+
+    def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
+        if outputs is not None:
+            return outputs
+        images = batch[self.image_key]
+        outputs = self.autoencoder(images, sample_posterior=self.eval_sample_posterior)
+        wants = {name for name in self.eval_metric_names if name.startswith('EquivarianceError')}
+        if wants:
+            # Each encode is its own forward call of the wrapped module, so FSDP gathers for it.
+            def encode(x: torch.Tensor) -> torch.Tensor:
+                return self._equivariance_latent(self.autoencoder(x, decode=False))
+
+            latents = self._equivariance_latent(outputs)
+            outputs['equivariance'] = {
+                kind: equivariance_errors(encode, images, taus, self.downsample_factor, latents)
+                for kind, taus in eval_transforms().items()
+                if f'EquivarianceError{kind[0].upper()}' in wants
+            }
+        return outputs
+
+    def _metric_factories(self) -> dict[str, Callable[[], Metric]]:
+        return {
+            'PSNR': ReconstructionPSNR,
+            'SSIM': ReconstructionSSIM,
+            'LPIPS': LPIPSMetric,
+            'EquivarianceErrorR': lambda: LatentEquivarianceError('rotation'),
+            'EquivarianceErrorS': lambda: LatentEquivarianceError('scale'),
+        }
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        # No train metrics: under EquivarianceAlgorithm the training outputs are D(tau(z)), which Composer
+        # would compare with an untransformed copy of the batch. The eval set measures the autoencoder.
+        if is_train:
+            return {}
+        factories = self._metric_factories()
+        return {name: factories[name]() for name in self.eval_metric_names}
+
+    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
+        keep = counted_samples(batch)
+        if keep is None:
+            return
+        self._update_metric(metric, batch[self.image_key][keep], outputs, keep)
+
+    def _update_metric(self, metric: Metric, target: torch.Tensor, outputs: Any, keep: slice | torch.Tensor) -> None:
+        """Update ``metric`` with the counted samples ``keep`` of a batch (``target``: those images)."""
+        reconstruction = outputs['reconstruction'][keep]
+        if isinstance(metric, LatentEquivarianceError):
+            metric.update(outputs['equivariance'][metric.kind][:, keep])
+        elif isinstance(metric, LPIPSMetric):
+            with torch.no_grad():
+                metric.update(lpips_distance(self._lpips_metric_net, target, reconstruction))
+        else:
+            metric.update(reconstruction, target)

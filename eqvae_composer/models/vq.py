@@ -7,7 +7,7 @@ decoder reconstructs tau(x) from the codes of tau(z_e) (the method card says why
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,17 +16,8 @@ from torch import nn
 from torchmetrics import Metric
 
 from eqvae_composer.evaluation.codebook import CodebookPerplexity, CodebookUsage, DeadCodeFraction
-from eqvae_composer.evaluation.metrics import (
-    LatentEquivarianceError,
-    LPIPSMetric,
-    ReconstructionPSNR,
-    ReconstructionSSIM,
-    equivariance_errors,
-    eval_transforms,
-)
 from eqvae_composer.introspection import adapter_for, adapter_of_kind
-from eqvae_composer.models.gan_model import GANAutoencoderModel, counted_samples, recorded_calls
-from eqvae_composer.models.lpips import lpips_distance
+from eqvae_composer.models.gan_model import GANAutoencoderModel, recorded_calls
 from eqvae_composer.models.vq_loss import VQGANLoss
 
 __all__ = ['VQ_EVAL_METRICS', 'ComposerVQModel', 'VQModelForward']
@@ -108,6 +99,8 @@ class ComposerVQModel(GANAutoencoderModel):
         lpips_metric (nn.Module, optional): LPIPS network for the ``LPIPS`` metric; defaults to the loss's.
     """
 
+    EVAL_METRICS = VQ_EVAL_METRICS
+
     def __init__(
         self,
         vae: VQModel,
@@ -126,16 +119,11 @@ class ComposerVQModel(GANAutoencoderModel):
         super().__init__()
         if adapter_for(vae) is not adapter_of_kind('vq'):
             raise TypeError(f'ComposerVQModel needs a diffusers VQModel, got {type(vae).__name__}.')
-        unknown = sorted(set(eval_metrics) - set(VQ_EVAL_METRICS))
-        if unknown:
-            raise ValueError(f'unknown eval_metrics {unknown}; choose from {sorted(VQ_EVAL_METRICS)}.')
         self.autoencoder = VQModelForward(vae)
         self.loss_fn = loss if loss is not None else VQGANLoss(lpips_weight=0.0)
         self.image_key = image_key
-        self.eval_metric_names = tuple(eval_metrics)
-        object.__setattr__(self, '_lpips_metric_net', lpips_metric or self.loss_fn.lpips)
-        if 'LPIPS' in self.eval_metric_names and self._lpips_metric_net is None:
-            raise ValueError('the LPIPS eval metric needs an LPIPS network (see load_lpips).')
+        self.eval_sample_posterior = False  # ignored by VQModelForward: the latent is deterministic
+        self._set_eval_metrics(eval_metrics, lpips_metric)
         self.downsample_factor = adapter_for(vae).downsample_factor(vae)
 
     @property
@@ -151,51 +139,19 @@ class ComposerVQModel(GANAutoencoderModel):
             batch[self.image_key], outputs['reconstruction'], outputs['codebook_loss'], outputs.get('last_layer_input')
         )
 
-    def eval_forward(self, batch: Any, outputs: Any | None = None) -> dict[str, Any]:
-        if outputs is not None:
-            return outputs
-        images = batch[self.image_key]
-        outputs = self.autoencoder(images)
-        wants = {name for name in self.eval_metric_names if name.startswith('EquivarianceError')}
-        if wants:
-            # Each encode is its own forward call of the wrapped module, so FSDP gathers for it.
-            def encode(x: torch.Tensor) -> torch.Tensor:
-                return self.autoencoder(x, decode=False)['latents']
+    def _equivariance_latent(self, outputs: dict[str, Any]) -> torch.Tensor:
+        return outputs['latents']  # z_e, before quantization
 
-            outputs['equivariance'] = {
-                kind: equivariance_errors(encode, images, taus, self.downsample_factor, outputs['latents'])
-                for kind, taus in eval_transforms().items()
-                if f'EquivarianceError{kind[0].upper()}' in wants
-            }
-        return outputs
-
-    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
-        # No train metrics, as ComposerAutoencoderKL: the eval set measures the autoencoder.
-        if is_train:
-            return {}
+    def _metric_factories(self) -> dict[str, Callable[[], Metric]]:
         num_codes = self.vae.config.num_vq_embeddings
-        factories = {
-            'PSNR': ReconstructionPSNR,
-            'SSIM': ReconstructionSSIM,
-            'LPIPS': LPIPSMetric,
-            'EquivarianceErrorR': lambda: LatentEquivarianceError('rotation'),
-            'EquivarianceErrorS': lambda: LatentEquivarianceError('scale'),
+        return {
+            **super()._metric_factories(),
             'CodebookPerplexity': lambda: CodebookPerplexity(num_codes),
             'DeadCodeFraction': lambda: DeadCodeFraction(num_codes),
         }
-        return {name: factories[name]() for name in self.eval_metric_names}
 
-    def update_metric(self, batch: Any, outputs: Any, metric: Metric) -> None:
-        keep = counted_samples(batch)
-        if keep is None:
-            return
-        target, reconstruction = batch[self.image_key][keep], outputs['reconstruction'][keep]
-        if isinstance(metric, LatentEquivarianceError):
-            metric.update(outputs['equivariance'][metric.kind][:, keep])
-        elif isinstance(metric, CodebookUsage):
+    def _update_metric(self, metric: Metric, target: torch.Tensor, outputs: Any, keep: slice | torch.Tensor) -> None:
+        if isinstance(metric, CodebookUsage):
             metric.update(outputs['codes'][keep])
-        elif isinstance(metric, LPIPSMetric):
-            with torch.no_grad():
-                metric.update(lpips_distance(self._lpips_metric_net, target, reconstruction))
         else:
-            metric.update(reconstruction, target)
+            super()._update_metric(metric, target, outputs, keep)
