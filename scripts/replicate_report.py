@@ -63,7 +63,7 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def _pct(change: float) -> str:
-    return f'{100 * change:+.0f}%'
+    return f'{100 * change:+.1f}%'  # one decimal: -19.7% must not print as a -20% that misses the target
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -109,12 +109,22 @@ def transform_table(by_arm: dict[str, dict[int, dict[str, float]]], base: dict[s
     return _table(['model', *names, 'R', 'S', 'PSNR'], rows)
 
 
+def _missed_criteria(c: dict[str, Any]) -> list[str]:
+    """Which of the target's three criteria one comparison misses."""
+    checks = {
+        'R': c['R_change'] <= -TARGET_REDUCTION,
+        'S': c['S_change'] <= -TARGET_REDUCTION,
+        'PSNR': abs(c['psnr_gap_db']) <= TARGET_PSNR_DB,
+    }
+    return [name for name, ok in checks.items() if not ok]
+
+
 def comparison_table(comparisons: dict[str, Any]) -> str:
     """Per arm and seed: R and S against control of the same seed, the PSNR gap, and the target's verdict."""
     rows = []
     for arm, result in comparisons.items():
         for seed, c in result['per_seed'].items():
-            verdict = 'met' if c['meets_target'] else 'missed'
+            verdict = 'met' if c['meets_target'] else f'missed ({", ".join(_missed_criteria(c))})'
             rows.append(
                 [f'{arm} s{seed}', _pct(c['R_change']), _pct(c['S_change']), f'{c["psnr_gap_db"]:+.2f}', verdict]
             )

@@ -22,3 +22,15 @@ def test_own_trainer_example_runs_and_its_train_metric_sees_consistent_pairs():
     assert int(trainer.state.timestamp.batch) == 2
     assert 'MSE' in trainer.state.train_metric_values
     assert trainer.state.train_metric_values['MSE'] >= 0
+
+
+def test_readme_replication_summary_quotes_only_numbers_that_results_md_shows():
+    """The README's summary of docs/RESULTS.md must not drift from the generated report it summarises."""
+    text = README.read_text()
+    start = text.index('A small-scale replication on CPU is in')
+    summary = text[start : text.index('Under the hood', start)]
+    results = (README.parent / 'docs' / 'RESULTS.md').read_text()
+    numbers = re.findall(r'[-+]?\d+\.\d+%?', summary)
+    assert len(numbers) >= 10, summary
+    missing = [n for n in numbers if n not in results]
+    assert not missing, f'README quotes {missing}, which docs/RESULTS.md does not show'

@@ -42,8 +42,16 @@ def test_comparison_with_control_is_per_seed_and_needs_every_part_of_the_target(
     assert eq[1]['meets_target'] and not eq[2]['meets_target'] and not result['eq']['every_seed']
     assert not any(c['meets_target'] for c in result['eq-alternating']['per_seed'].values())
     table = replicate_report.comparison_table(result).splitlines()
-    assert table[2] == '| eq s1 | -40% | -25% | -0.40 | met |'
-    assert table[3] == '| eq s2 | -50% | -10% | +0.00 | missed |'
+    assert table[2] == '| eq s1 | -40.0% | -25.0% | -0.40 | met |'
+    assert table[3] == '| eq s2 | -50.0% | -10.0% | +0.00 | missed (S) |'
+    assert table[4] == '| eq-alternating s1 | -40.0% | -25.0% | -0.60 | missed (PSNR) |'
+    # -19.7% is not a 20% reduction, and the table must not round it to one
+    close = replicate_report.compare_with_control(
+        {'control': {1: metrics(0.5, 0.4, 20.0)}, 'eq': {1: metrics(0.3, 0.4 * 0.803, 20.0)}}, seeds=(1,)
+    )
+    assert (
+        replicate_report.comparison_table(close).splitlines()[2] == '| eq s1 | -40.0% | -19.7% | +0.00 | missed (S) |'
+    )
 
 
 def test_mean_and_spread_over_seeds():

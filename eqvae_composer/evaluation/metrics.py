@@ -7,7 +7,7 @@ per image, averaged over images and transforms.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torchmetrics.aggregation import MeanMetric
@@ -26,6 +26,7 @@ __all__ = [
     'equivariance_errors',
     'eval_transforms',
     'quantize',
+    'transformed_latent_pairs',
 ]
 
 #: The paper's evaluation transforms (App. C.3): rotations by 90/180/270 degrees, scales 0.25/0.5/0.75.
@@ -116,15 +117,15 @@ class LPIPSMetric(MeanPerImage):
     """Mean LPIPS over images; ``update`` takes per-image distances."""
 
 
-def equivariance_errors(
+def transformed_latent_pairs(
     encode: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     transforms: Sequence[SpatialTransform],
     downsample_factor: int,
     latents: torch.Tensor | None = None,
     interpolation: str = 'bilinear',
-) -> torch.Tensor:
-    """Per image and transform, ``||tau(E(x)) - E(tau(x))||^2 / ||E(tau(x))||^2``; shape ``(T, B)``.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per transform, ``(tau(E(x)), E(tau(x)))`` in float32: the two latents the equivariance error compares.
 
     Args:
         encode (Callable): images -> latents (the posterior mean, for a deterministic measure).
@@ -135,10 +136,28 @@ def equivariance_errors(
         interpolation (str): resize mode, as in training. Default: ``'bilinear'``.
     """
     z = encode(images) if latents is None else latents
-    errors = []
     for tau in transforms:
         transformed_latent = apply_to_latent(z, tau, interpolation).float()
         latent_of_transformed = encode(apply_to_image(images, tau, downsample_factor, interpolation)).float()
+        yield transformed_latent, latent_of_transformed
+
+
+def equivariance_errors(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    transforms: Sequence[SpatialTransform],
+    downsample_factor: int,
+    latents: torch.Tensor | None = None,
+    interpolation: str = 'bilinear',
+) -> torch.Tensor:
+    """Per image and transform, ``||tau(E(x)) - E(tau(x))||^2 / ||E(tau(x))||^2``; shape ``(T, B)``.
+
+    Arguments as ``transformed_latent_pairs``.
+    """
+    errors = []
+    for transformed_latent, latent_of_transformed in transformed_latent_pairs(
+        encode, images, transforms, downsample_factor, latents, interpolation
+    ):
         diff = (transformed_latent - latent_of_transformed).pow(2).flatten(1).sum(1)
         errors.append(diff / latent_of_transformed.pow(2).flatten(1).sum(1).clamp_min(1e-12))
     return torch.stack(errors)
