@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ __all__ = [
     'check_versions',
     'convert_ldm_vae_state_dict',
     'epoch_partition',
+    'init_streaming_dataset',
     'forget_loaded_rng_state',
     'loaded_rng_state',
     'lpips_backbone_layers',
@@ -225,6 +227,35 @@ class EpochWorkHook:
 
     def epoch_work(self, epoch: int, sample_in_epoch: int) -> None:
         """Called in each worker when its share of the epoch is set. Default: nothing."""
+
+
+#: How often a StreamingDataset is constructed again after losing the race for a shared-memory prefix.
+SHM_PREFIX_ATTEMPTS = 10
+
+
+def init_streaming_dataset(init: Callable[..., None], **kwargs: Any) -> None:
+    """``init(**kwargs)`` (a ``StreamingDataset.__init__``), again after losing streaming's prefix race.
+
+    ``streaming.base.shared.get_shm_prefix`` looks for the first free prefix, then creates its
+    ``/NNNNNN_locals`` shared memory: two processes that start a dataset at the same moment on one
+    machine (two jobs, or a job and its evaluation) can pick the same prefix, and the second create
+    fails with ``FileExistsError``. Nothing is registered before that create, so constructing again
+    picks the next prefix. Under ``torch.distributed`` the ranks meet at barriers inside it, and one
+    rank retrying alone would hang them, so the error is raised there as before.
+    """
+    import time
+
+    import torch.distributed as torch_dist
+
+    for attempt in range(SHM_PREFIX_ATTEMPTS):
+        try:
+            init(**kwargs)
+            return
+        except FileExistsError as error:
+            lost_race = str(error.filename or '').endswith('_locals')
+            if not lost_race or torch_dist.is_initialized() or attempt == SHM_PREFIX_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (1 + attempt) * (1 + os.getpid() % 7) / 4)  # staggered: racers diverge
 
 
 def epoch_partition(dataset: Any, epoch: int, sample_in_epoch: int) -> tuple[NDArray[np.int64], tuple[int, int, int]]:

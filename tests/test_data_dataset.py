@@ -233,3 +233,33 @@ def test_worker_processes_cover_epoch_exactly_once(tmp_path):
     )
     levels = [level for batch in loader for level in _levels(batch)]
     assert sorted(levels) == LEVELS
+
+
+def test_a_dataset_that_loses_streamings_shared_memory_race_takes_the_next_prefix(tmp_path, monkeypatch):
+    """Another process registers the prefix our dataset found free before our dataset creates it."""
+    from streaming.base.constant import LOCALS
+    from streaming.base.shared import prefix as shm_prefix
+    from streaming.base.shared.memory import SharedMemory
+
+    _solid_dataset(tmp_path / 'mds', [10, 20])
+    real_find = shm_prefix._check_and_find_retrying
+    rivals = []
+
+    def find_then_lose_the_race(streams_local, streams_remote, shm_name, retry):
+        found = real_find(streams_local, streams_remote, shm_name, retry)
+        if shm_name == LOCALS and not rivals:  # the rival wins once, between our check and our create
+            data = shm_prefix._pack_locals([str(tmp_path / 'rival')], found)
+            rival = SharedMemory(shm_prefix._get_path(found, LOCALS), True, len(data))
+            rival.buf[: len(data)] = data
+            rivals.append((found, rival))
+        return found
+
+    monkeypatch.setattr(shm_prefix, '_check_and_find_retrying', find_then_lose_the_race)
+    try:
+        dataset = StreamingImageDataset(local=str(tmp_path / 'mds'), resolution=8, train=False, batch_size=2)
+        lost, _ = rivals[0]
+        assert dataset._shm_prefix_int > lost
+        assert sorted(_levels({'image': torch.stack([dataset[i]['image'] for i in range(2)])})) == [10, 20]
+    finally:
+        for _, rival in rivals:
+            rival.cleanup()

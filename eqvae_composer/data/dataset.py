@@ -17,7 +17,7 @@ import torch
 from numpy.typing import NDArray
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from eqvae_composer.compat import EpochWorkHook, epoch_partition
+from eqvae_composer.compat import EpochWorkHook, epoch_partition, init_streaming_dataset
 from eqvae_composer.data.transforms import (
     RESIZE_FILTERS,
     decode_crop_resize,
@@ -174,7 +174,7 @@ class StreamingImageDataset(EpochWorkHook, StreamingDataset):
         elif streaming_kwargs.get('remote') is None:
             check_local_dataset(streaming_kwargs.get('local'), streaming_kwargs.get('split'))
         streaming_kwargs.setdefault('shuffle', train)
-        super().__init__(**streaming_kwargs)
+        init_streaming_dataset(super().__init__, **streaming_kwargs)
         self.resolution = resolution
         self.train = train
         self.image_column = image_column
