@@ -28,6 +28,8 @@ install_requires = [
 extras_require = {
     'dev': [
         'pytest>=8,<10',
+        # a hung test fails alone, with every thread's stack, instead of running into CI's time limit
+        'pytest-timeout==2.4.0',
         'ruff==0.17.6',
         'pre-commit',
         # an S3-compatible server on 127.0.0.1 for the object-store tests; boto3 is what streaming uses

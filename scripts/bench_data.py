@@ -87,8 +87,24 @@ def generate(root: str, count: int, classes: int) -> None:
             (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
         )
         jobs.append((i, width, height, os.path.join(root, 'train', f'n{c:08d}', f'n{c:08d}_{i}.JPEG')))
-    with multiprocessing.Pool(default_workers()) as pool:
-        pool.map(_make_image, jobs, chunksize=8)
+    _pool_map(_make_image, jobs, default_workers(), chunksize=8)
+
+
+def _pool_map(fn, jobs: list, processes: int, chunksize: int = 1) -> list:
+    """``Pool.map`` whose workers exit on their own once the work is done.
+
+    ``with Pool() as pool`` ends in ``terminate()``, which SIGTERMs the idle workers: one killed while it
+    held the task queue's lock hung the parent for good (CI timed out in this file's parallel test).
+    """
+    pool = multiprocessing.Pool(processes)
+    try:
+        results = pool.map(fn, jobs, chunksize=chunksize)
+    except BaseException:
+        pool.terminate()
+        raise
+    pool.close()
+    pool.join()
+    return results
 
 
 def _streaming_loop(filenames: list[str], classes: list[int], first: int, out: str) -> None:
@@ -150,8 +166,7 @@ def streaming_parallel(in_root: str, out_root: str, processes: int, part_size: i
         )
         for start in range(0, len(filenames), part_size)
     ]
-    with multiprocessing.Pool(processes) as pool:
-        indexes = pool.map(_streaming_part, jobs, chunksize=1)
+    indexes = _pool_map(_streaming_part, jobs, processes)
     logging.disable(logging.WARNING)  # merge_index warns about its temporary folder and the non-empty output
     try:
         merge_index(indexes, out)
