@@ -78,6 +78,11 @@ CASES = {
         2,
         '{tmp}/broken.ckpt is not a readable checkpoint',
     ),
+    'encode_latents': (
+        ['scripts/encode_latents.py', '--vae', '{tmp}/broken.ckpt', '--data', '{tmp}/data', '--out', '{tmp}/lat'],
+        2,
+        '{tmp}/broken.ckpt is not a readable checkpoint',
+    ),
     'vis_latent': (
         ['scripts/vis_latent.py', '--vae', '{tmp}/broken.ckpt', '--image', '{tmp}/x.png', '--out', '{tmp}/l.png'],
         2,

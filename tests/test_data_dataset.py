@@ -18,6 +18,7 @@ from eqvae_composer.data.dataset import (
     StreamingImageDataset,
     build_image_dataloader,
     padding_mask,
+    sample_rng,
 )
 from eqvae_composer.data.transforms import open_image, sample_train_box
 from tests.data_fixtures import jpeg_bytes, photo, streaming_env  # noqa: F401  (fixture, used by name)
@@ -65,7 +66,7 @@ def test_train_crops_reproducible_per_seed_epoch_and_index(demo_mds):
     dataset = StreamingImageDataset(local=str(demo_mds / 'train'), resolution=16, shuffle_seed=7)
     a, b = dataset[3]['image'], dataset[3]['image']
     assert torch.equal(a, b)  # same (seed, epoch, index): same crop
-    rng = dataset._crop_rng(3)
+    rng = sample_rng(dataset, 3)
     assert rng.uniform() == np.random.default_rng((7, 0, 3)).uniform()
     assert not torch.equal(dataset[3]['image'], dataset[4]['image'])
 

@@ -40,6 +40,14 @@ from eqvae_composer.compat import pending_uploads, reset_shard_cache
 from eqvae_composer.data.demo import write_demo_folders
 from eqvae_composer.data.images import PreparedImage, prepare_image
 from eqvae_composer.data.mds_writer import LeanMDSWriter
+from eqvae_composer.data.parts import (
+    OutputExistsError,
+    check_plan,
+    finished_parts,
+    part_name,
+    prepare_output,
+    write_json_atomic,
+)
 from eqvae_composer.data.remote_output import RemoteOutput
 from eqvae_composer.data.sources import (
     SOURCES,
@@ -69,13 +77,9 @@ SOURCE_NAMES = ('demo', *SOURCES)
 
 SKIPPED_REPORT = 'skipped.jsonl'
 _STATE_DIR = '.convert'
-_PLAN = 'plan.json'
+_PLAN = 'plan.json'  # the name data.parts gives it
 # Bump when the stored bytes for the same input change, so old partial outputs are not resumed.
 _FORMAT_VERSION = 1
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder holds something this run cannot safely resume or extend."""
 
 
 class NoUsableImagesError(RuntimeError):
@@ -187,67 +191,6 @@ def _fingerprint(listing: SplitListing, options: ConvertOptions) -> dict[str, An
     }
 
 
-def _part_name(index: int) -> str:
-    return f'part_{index:05d}'
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)  # a reader (or a resumed run) never sees half a file
-
-
-def _check_plan(out: str, previous: dict[str, Any] | None, plan: dict[str, Any]) -> None:
-    """Refuse a non-empty output unless it is an earlier run of the same ``plan`` (``previous``)."""
-    if previous != plan:
-        what = 'a conversion of other inputs or with other options' if previous else 'files not written by it'
-        raise OutputExistsError(
-            f'{out} is not empty: it holds {what}. Pass --overwrite to delete it and convert from '
-            f'scratch, or choose another --out.'
-        )
-
-
-def _finished_parts(state_names: list[str]) -> set[int]:
-    """Part indices with a finish marker, from the names in the state folder."""
-    return {
-        int(name[len('part_') : -len('.json')])
-        for name in state_names
-        if name.startswith('part_') and name.endswith('.json')
-    }
-
-
-def _prepare_output(local: str, plan: dict[str, Any], overwrite: bool) -> set[int]:
-    """Make ``local`` ready to write into; return the parts a previous identical run finished.
-
-    Raises:
-        OutputExistsError: ``local`` holds other files, or a conversion with other inputs/options.
-    """
-    if overwrite and os.path.exists(local):
-        shutil.rmtree(local)
-    state = os.path.join(local, _STATE_DIR)
-    plan_path = os.path.join(state, _PLAN)
-    if os.path.isdir(local) and os.listdir(local):
-        previous = None
-        if os.path.isfile(plan_path):
-            with open(plan_path) as f:
-                previous = json.load(f)
-        _check_plan(local, previous, plan)
-        done = _finished_parts(os.listdir(state))
-        # The index is written last and marks a complete output; it is rebuilt once all parts are done.
-        for name in ('index.json', SKIPPED_REPORT):
-            if os.path.exists(os.path.join(local, name)):
-                os.remove(os.path.join(local, name))
-        for name in os.listdir(local):
-            # Parts without a finish marker were interrupted mid-write: redo them from scratch.
-            if name.startswith('part_') and int(name[len('part_') :]) not in done:
-                shutil.rmtree(os.path.join(local, name))
-        return done
-    os.makedirs(state, exist_ok=True)
-    _write_json_atomic(plan_path, plan)
-    return set()
-
-
 def _is_staging_file(name: str) -> bool:
     return name in (_STATE_DIR, 'index.json', SKIPPED_REPORT) or name.startswith('part_')
 
@@ -255,7 +198,7 @@ def _is_staging_file(name: str) -> bool:
 def _prepare_remote_output(
     out: str, staging: str, plan: dict[str, Any], overwrite: bool
 ) -> tuple[RemoteOutput, set[int]]:
-    """The remote counterpart of :func:`_prepare_output`: the same rules, decided by what the remote holds.
+    """The remote counterpart of ``parts.prepare_output``: the same rules, decided by what the remote holds.
 
     The staging folder is emptied of what an earlier run left in it, then given the remote's plan
     and finish markers (read back for the summary).
@@ -289,18 +232,18 @@ def _prepare_remote_output(
         names = []
     plan_name = f'{_STATE_DIR}/{_PLAN}'
     if not names:
-        _write_json_atomic(os.path.join(staging, plan_name), plan)
+        write_json_atomic(os.path.join(staging, plan_name), plan)
         remote.upload(plan_name)  # first, so that an interrupted run is recognised as this conversion
         return remote, set()
     previous = None
     if plan_name in names:
         with open(remote.download(plan_name)) as f:
             previous = json.load(f)
-    _check_plan(remote.remote, previous, plan)
+    check_plan(remote.remote, previous, plan)
     # Objects of unfinished parts are left: the redone part writes the same names over them.
-    done = _finished_parts([name[len(_STATE_DIR) + 1 :] for name in names if name.startswith(f'{_STATE_DIR}/')])
+    done = finished_parts([name[len(_STATE_DIR) + 1 :] for name in names if name.startswith(f'{_STATE_DIR}/')])
     for i in sorted(done):
-        remote.download(f'{_STATE_DIR}/{_part_name(i)}.json')
+        remote.download(f'{_STATE_DIR}/{part_name(i)}.json')
     return remote, done
 
 
@@ -344,7 +287,7 @@ def _drain_uploads(writer: LeanMDSWriter) -> None:
 
 def _convert_part(job: _PartJob) -> int:
     """Write one part with its own writer, then its finish marker; return its index. Runs in a worker."""
-    name = _part_name(job.index)
+    name = part_name(job.index)
     part_local = os.path.join(job.local, name)
     out = (part_local, _join(job.remote, name)) if job.remote else part_local
     skipped: list[tuple[str, str]] = []
@@ -383,7 +326,7 @@ def _convert_part(job: _PartJob) -> int:
     _bump_progress(pending)
     marker = {'written': sum(actions.values()), 'skipped': skipped, 'actions': dict(actions)}
     # read back by the parent, which also uploads it for a remote output
-    _write_json_atomic(os.path.join(job.local, _STATE_DIR, f'{name}.json'), marker)
+    write_json_atomic(os.path.join(job.local, _STATE_DIR, f'{name}.json'), marker)
     return job.index
 
 
@@ -474,7 +417,9 @@ def _convert_split(
     if remote:
         remote_output, done = _prepare_remote_output(remote, local, plan, options.overwrite)
     else:
-        done = _prepare_output(local, plan, options.overwrite)
+        done = prepare_output(
+            local, plan, options.overwrite, state_dir=_STATE_DIR, final_files=('index.json', SKIPPED_REPORT)
+        )
 
     columns = {'image': 'bytes', 'key': 'str'}
     if listing.labelled:
@@ -487,7 +432,7 @@ def _convert_split(
     def part_done(index: int) -> None:
         # Its shards and index are uploaded by now: the marker is the remote's record of a finished part.
         if remote_output:
-            remote_output.upload(f'{_STATE_DIR}/{_part_name(index)}.json')
+            remote_output.upload(f'{_STATE_DIR}/{part_name(index)}.json')
 
     _run_jobs(
         jobs,
@@ -509,7 +454,7 @@ def _convert_split(
         processed=len(listing.files) - done_files,
     )
     for i in range(len(parts)):
-        with open(os.path.join(local, _STATE_DIR, f'{_part_name(i)}.json')) as f:
+        with open(os.path.join(local, _STATE_DIR, f'{part_name(i)}.json')) as f:
             marker = json.load(f)
         summary.written += marker['written']
         summary.skipped.extend((path, reason) for path, reason in marker['skipped'])
@@ -522,11 +467,11 @@ def _convert_split(
         summary.report = _join(remote_output.remote, SKIPPED_REPORT)
     if summary.written == 0:
         return summary  # no index: a dataset without samples is not a dataset
-    index_urls = [os.path.join(local, _part_name(i), 'index.json') for i in range(len(parts))]
+    index_urls = [os.path.join(local, part_name(i), 'index.json') for i in range(len(parts))]
     if remote_output:
         # Uploaded parts leave no local copy; merge_index would build an S3 client per download.
         for i in range(len(parts)):
-            remote_output.download(f'{_part_name(i)}/index.json')
+            remote_output.download(f'{part_name(i)}/index.json')
     # merge_index logs routine warnings (temporary folders, non-empty output) on the root logger.
     logging.disable(logging.WARNING)
     try:

@@ -34,6 +34,7 @@ __all__ = [
     'build_image_dataloader',
     'check_local_dataset',
     'padding_mask',
+    'sample_rng',
 ]
 
 #: Key of the per-sample flag eval iteration adds: ``True`` for a repeat StreamingDataset inserted so that
@@ -80,6 +81,17 @@ def check_local_dataset(local: str | None, split: str | None = None) -> None:
 
 
 StreamSpec = Stream | Mapping[str, Any]
+
+
+def sample_rng(dataset: StreamingDataset, index: int) -> np.random.Generator:
+    """The random generator of sample ``index`` in the epoch being iterated: ``(shuffle_seed, epoch, index)``.
+
+    Independent of the worker count and order, and repeated exactly by a resumed run.
+    """
+    # next_epoch is the epoch being iterated plus one (it lives in shared memory, so every
+    # worker agrees); random access outside an epoch counts as epoch 0.
+    epoch = max(dataset.next_epoch - 1, 0)
+    return np.random.default_rng((dataset.shuffle_seed, epoch, index))
 
 
 def _as_streams(streams: Iterable[StreamSpec] | Mapping[str, StreamSpec]) -> list[Stream]:
@@ -182,12 +194,6 @@ class StreamingImageDataset(EpochWorkHook, StreamingDataset):
         self.draft = draft
         self.resize_filter = resize_filter
 
-    def _crop_rng(self, index: int) -> np.random.Generator:
-        # next_epoch is the epoch being iterated plus one (it lives in shared memory, so every
-        # worker agrees); random access outside an epoch counts as epoch 0.
-        epoch = max(self.next_epoch - 1, 0)
-        return np.random.default_rng((self.shuffle_seed, epoch, index))
-
     def epoch_work(self, epoch: int, sample_in_epoch: int) -> None:
         # StreamingDataset hands each worker only its own slice of the epoch's partition; the padding
         # flags need the whole of it. Rebuilding it is deterministic and, for an eval set, cheap.
@@ -219,7 +225,7 @@ class StreamingImageDataset(EpochWorkHook, StreamingDataset):
             )
         img = open_image(sample[self.image_column])
         width, height = img.size
-        box = sample_train_box(width, height, self._crop_rng(index)) if self.train else eval_box(width, height)
+        box = sample_train_box(width, height, sample_rng(self, index)) if self.train else eval_box(width, height)
         pixels = decode_crop_resize(img, box, self.resolution, draft=self.draft, resize_filter=self.resize_filter)
         return {self.output_key: to_tensor(pixels)}
 

@@ -1,0 +1,340 @@
+"""scripts/encode_latents.py and StreamingLatentDataset: stored latents decode as the direct encode/decode,
+resume after a kill, bad samples are reported, ranks split the work, and the dataset scales and samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from streaming import MDSWriter
+
+from eqvae_composer.data.convert import ConvertOptions, convert
+from eqvae_composer.data.parts import OutputExistsError
+from eqvae_composer.latents import EncodeOptions, StreamingLatentDataset, center_crop_arr, encode_latents
+from eqvae_composer.latents.preprocess import preprocess_image
+from tests.conftest import tiny_kl_config, tiny_vq
+from tests.data_fixtures import (  # noqa: F401  (fixtures, used by name)
+    dataset_files,
+    jpeg_bytes,
+    photo,
+    read_mds,
+    read_skipped,
+    streaming_env,
+    write_image,
+)
+from tests.test_data_object_store import bucket, s3_endpoint  # noqa: F401  (fixtures, used by name)
+
+pytestmark = pytest.mark.usefixtures('streaming_env')
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / 'scripts' / 'encode_latents.py'
+QUIET = dict(progress=False)
+
+
+@pytest.fixture
+def vae_dir(tmp_path) -> Path:
+    """A tiny f8 AutoencoderKL with SD3's scaling and shift factors, saved as a diffusers folder."""
+    torch.manual_seed(0)
+    AutoencoderKL.from_config(tiny_kl_config('sd3')).save_pretrained(tmp_path / 'vae')
+    return tmp_path / 'vae'
+
+
+def _photos(root: Path, count: int = 7) -> list[Path]:
+    # Sizes on both sides of 2x the resolution (32), so ADM's box-filter halving runs for some.
+    sizes = [(150, 100), (40, 64), (33, 90), (200, 70), (64, 64), (97, 41), (300, 250)]
+    return [
+        Path(write_image(root / f'{i % 2}' / f'{i:03d}.jpg', photo(*sizes[i % len(sizes)], seed=i)))
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    _photos(tmp_path / 'images')
+    return tmp_path / 'images'
+
+
+def test_center_crop_arr_is_adms_halving_bicubic_and_centre_crop():
+    img = photo(200, 100, seed=3)
+    # By hand: 100 >= 2 * 32 halves once to 100 x 50 (box); 50 < 64 stops; bicubic to 64 x 32; centre 32.
+    expected = img.resize((100, 50), Image.BOX).resize((64, 32), Image.BICUBIC).crop((16, 0, 48, 32))
+    assert np.array_equal(np.asarray(center_crop_arr(img, 32)), np.asarray(expected))
+    odd = photo(45, 33, seed=4)  # no halving; 33 -> 32 scales 45 to round(43.6) = 44, crop x from 6
+    expected = odd.resize((44, 32), Image.BICUBIC).crop((6, 0, 38, 32))
+    assert np.array_equal(np.asarray(center_crop_arr(odd, 32)), np.asarray(expected))
+
+
+@pytest.mark.parametrize('dtype, atol', [('float32', 1e-4), ('float16', 2e-2), ('bfloat16', 1e-1)])
+def test_decoding_stored_latents_reproduces_the_direct_encode_decode(vae_dir, photos, tmp_path, dtype, atol):
+    out = tmp_path / 'latents'
+    summary = encode_latents(
+        str(vae_dir),
+        str(photos),
+        str(out),
+        EncodeOptions(resolution=32, dtype=dtype, batch_size=3, part_size=4, **QUIET),
+    )
+    assert summary.written == 7 and not summary.skipped
+    dataset = StreamingLatentDataset(local=str(out), shuffle=False, sample_posterior=False)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    files = sorted(photos.rglob('*.jpg'))
+    with torch.no_grad():
+        for i, path in enumerate(files):
+            pixels = preprocess_image(Image.open(path), 32)[None]
+            direct = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+            stored = vae.decode(dataset.unscale(dataset[i]['latent'])[None]).sample
+            torch.testing.assert_close(stored, direct, atol=atol, rtol=0)
+            # Stored latents are scaled as diffusers does for diffusion: (z - shift) * scale.
+            mean = vae.encode(pixels).latent_dist.mean[0]
+            torch.testing.assert_close(
+                dataset[i]['latent'], (mean - 0.0609) * 1.5305, atol=atol * 10, rtol=atol if dtype != 'float32' else 0
+            )
+    metadata = json.loads((out / 'latents.json').read_text())
+    assert metadata['vae']['scaling_factor'] == 1.5305 and metadata['vae']['shift_factor'] == 0.0609
+    assert metadata['preprocessing'] == {'crop': 'adm', 'resolution': 32, 'pixels': 'x / 127.5 - 1 (RGB)'}
+    assert metadata['vae']['source'] == str(vae_dir) and len(metadata['vae']['weights_sha256']) == 64
+    assert [s['key'] for s in read_mds(out)] == [str(p.relative_to(photos).as_posix()) for p in files]
+
+
+def test_flip_copies_are_the_latents_of_the_flipped_images(vae_dir, photos, tmp_path):
+    out = tmp_path / 'latents'
+    encode_latents(
+        str(vae_dir), str(photos), str(out), EncodeOptions(resolution=32, dtype='float32', flip=True, **QUIET)
+    )
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    samples = read_mds(out)
+    first = sorted(photos.rglob('*.jpg'))[0]
+    pixels = preprocess_image(Image.open(first), 32)[None]
+    with torch.no_grad():
+        flipped = vae.encode(pixels.flip(-1)).latent_dist
+    np.testing.assert_allclose(samples[0]['mean_flip'], flipped.mean[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(samples[0]['std_flip'], flipped.std[0].numpy(), atol=1e-5)
+    dataset = StreamingLatentDataset(local=str(out), shuffle=False, sample_posterior=False, flip='always')
+    torch.testing.assert_close(dataset[0]['latent'], (flipped.mean[0] - 0.0609) * 1.5305)
+    randomly = StreamingLatentDataset(local=str(out), shuffle=False, sample_posterior=False, flip='random')
+    chose_flip = [
+        torch.allclose(randomly[i]['latent'], (torch.from_numpy(samples[i]['mean_flip']) - 0.0609) * 1.5305)
+        for i in range(7)
+    ]
+    assert any(chose_flip) and not all(chose_flip)  # independent coin per sample (7 samples: p = 1/64 to fail)
+
+
+def test_posterior_samples_depend_only_on_the_seed_and_the_sample(vae_dir, photos, tmp_path):
+    def run(name: str, **kwargs) -> list[np.ndarray]:
+        options = EncodeOptions(resolution=32, dtype='float32', store='sample', **{**QUIET, **kwargs})
+        encode_latents(str(vae_dir), str(photos), str(tmp_path / name), options)
+        return [s['sample'] for s in read_mds(tmp_path / name)]
+
+    a, b, other_seed = run('a', batch_size=2, part_size=3), run('b', batch_size=5), run('c', seed=1)
+    # The same noise whatever the batching (the encoder's float sums differ with the batch size, by ~1e-6).
+    assert all(np.allclose(x, y, atol=1e-5, rtol=0) for x, y in zip(a, b))
+    assert not any(np.array_equal(x, y) for x, y in zip(a, other_seed))
+    encode_latents(
+        str(vae_dir), str(photos), str(tmp_path / 'm'), EncodeOptions(resolution=32, dtype='float32', **QUIET)
+    )
+    stored = read_mds(tmp_path / 'm')
+    # sample = mean + std * eps with eps ~ N(0, 1): standardised, it has mean ~0 and std ~1.
+    eps = np.concatenate([((x - s['mean']) / s['std']).ravel() for x, s in zip(a, stored)])
+    assert abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1
+
+
+def test_dataset_samples_the_posterior_reproducibly(vae_dir, photos, tmp_path):
+    out = tmp_path / 'latents'
+    encode_latents(str(vae_dir), str(photos), str(out), EncodeOptions(resolution=32, dtype='float32', **QUIET))
+    stored = read_mds(out)
+    dataset = StreamingLatentDataset(local=str(out), shuffle=False, shuffle_seed=5, batch_size=4)
+    z = dataset[2]['latent']
+    assert torch.equal(z, dataset[2]['latent'])  # same (seed, epoch, index)
+    eps = (z / 1.5305 + 0.0609 - torch.from_numpy(stored[2]['mean'])) / torch.from_numpy(stored[2]['std'])
+    assert 0.7 < eps.std() < 1.3 and abs(eps.mean()) < 0.3  # 256 draws of N(0, 1)
+    other = StreamingLatentDataset(local=str(out), shuffle=False, shuffle_seed=6)
+    assert not torch.equal(z, other[2]['latent'])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    batch = next(iter(loader))
+    assert batch['latent'].shape == (4, 16, 4, 4) and 'label' not in batch
+
+
+def _streaming_imagenet_mds(root: Path, images: list[Image.Image], labels: list[int], bad: dict[int, bytes]) -> Path:
+    """An MDS set laid out as ``streaming.vision.convert.imagenet`` writes it (``i``, ``x``, ``y``), some samples bad."""
+    with MDSWriter(out=str(root), columns={'i': 'int', 'x': 'bytes', 'y': 'int'}, size_limit=1 << 12) as writer:
+        for i, (img, label) in enumerate(zip(images, labels)):
+            writer.write({'i': i, 'x': bad.get(i, jpeg_bytes(img)), 'y': label})
+    return root
+
+
+def test_labels_and_bad_samples_from_a_dataset_another_tool_wrote(vae_dir, tmp_path):
+    images = [photo(60 + i, 40, seed=i) for i in range(7)]
+    bad = {2: b'\xff\xd8\xff not a jpeg', 4: jpeg_bytes(images[4])[:-400]}  # garbage; a JPEG cut short
+    data = _streaming_imagenet_mds(tmp_path / 'in', images, [3, 1, 4, 1, 5, 9, 2], bad)
+    out = tmp_path / 'latents'
+    summary = encode_latents(str(vae_dir), str(data), str(out), EncodeOptions(resolution=32, part_size=4, **QUIET))
+    assert summary.written == 5 and [key for key, _ in summary.skipped] == ['2', '4']
+    assert summary.skipped[0][1] == 'not a readable image (unknown format)'
+    assert summary.skipped[1][1].startswith('cannot decode image (OSError: image file is truncated')
+    assert [r['key'] for r in read_skipped(out / 'skipped.jsonl')] == ['2', '4']
+    dataset = StreamingLatentDataset(local=str(out), shuffle=False)
+    assert [int(dataset[i]['label']) for i in range(5)] == [3, 1, 1, 9, 2]
+    assert [s['key'] for s in read_mds(out)] == ['0', '1', '3', '5', '6']
+    assert json.loads((out / 'latents.json').read_text())['skipped'] == 2
+
+
+def test_a_split_smaller_than_a_batch_and_a_single_sample(vae_dir, tmp_path):
+    write_image(tmp_path / 'one' / 'only.png', photo(50, 40))
+    summary = encode_latents(
+        str(vae_dir), str(tmp_path / 'one'), str(tmp_path / 'out'), EncodeOptions(resolution=32, batch_size=8, **QUIET)
+    )
+    assert summary.written == 1
+    assert len(StreamingLatentDataset(local=str(tmp_path / 'out'), shuffle=False, batch_size=4)) == 1
+
+
+def test_a_different_encoding_into_the_same_folder_is_refused(vae_dir, photos, tmp_path):
+    out = tmp_path / 'latents'
+    encode_latents(str(vae_dir), str(photos), str(out), EncodeOptions(resolution=32, **QUIET))
+    with pytest.raises(OutputExistsError, match='--overwrite'):
+        encode_latents(str(vae_dir), str(photos), str(out), EncodeOptions(resolution=32, dtype='bfloat16', **QUIET))
+    encode_latents(
+        str(vae_dir), str(photos), str(out), EncodeOptions(resolution=32, dtype='bfloat16', overwrite=True, **QUIET)
+    )
+    assert json.loads((out / 'latents.json').read_text())['dtype'] == 'bfloat16'
+
+
+def test_errors_a_user_can_fix(vae_dir, tmp_path):
+    tiny_vq().save_pretrained(tmp_path / 'vq')
+    (tmp_path / 'imgs').mkdir()
+    write_image(tmp_path / 'imgs' / 'a.png', photo(40, 40))
+    with pytest.raises(ValueError, match='VQModel: encoding stores the Gaussian posterior'):
+        encode_latents(str(tmp_path / 'vq'), str(tmp_path / 'imgs'), str(tmp_path / 'o'), EncodeOptions(resolution=32))
+    with pytest.raises(FileNotFoundError, match='neither an MDS dataset'):
+        encode_latents(str(vae_dir), str(tmp_path / 'nope'), str(tmp_path / 'o2'), EncodeOptions(resolution=32))
+    with pytest.raises(ValueError, match='multiple of 8'):
+        EncodeOptions(resolution=30)
+    with pytest.raises(FileNotFoundError, match='latents.json'):
+        convert(
+            'folder', str(tmp_path / 'images-mds'), input=str(tmp_path / 'imgs'), options=ConvertOptions(progress=False)
+        )
+        StreamingLatentDataset(local=str(tmp_path / 'images-mds'))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            '--vae',
+            str(vae_dir),
+            '--data',
+            str(tmp_path / 'nope'),
+            '--out',
+            str(tmp_path / 'x'),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, 'PYTHONPATH': str(REPO)},
+    )
+    assert result.returncode == 2 and result.stderr.count('\n') == 1 and 'neither an MDS dataset' in result.stderr
+
+
+def _command(vae_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(SCRIPT),
+        '--vae',
+        str(vae_dir),
+        '--data',
+        str(data),
+        '--out',
+        str(out),
+        '--resolution',
+        '64',
+        '--part-size',
+        '8',
+        '--batch-size',
+        '4',
+        '--no-progress',
+        *extra,
+    ]
+
+
+def _without_state(folder: Path) -> dict[str, bytes]:
+    return {name: data for name, data in dataset_files(folder).items() if not name.startswith('.encode')}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_output(vae_dir, tmp_path):
+    _photos(tmp_path / 'many', count=160)
+    env = {**os.environ, 'PYTHONPATH': str(REPO)}
+    whole = subprocess.run(
+        _command(vae_dir, tmp_path / 'many', tmp_path / 'whole'), env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / 'killed'
+    process = subprocess.Popen(_command(vae_dir, tmp_path / 'many', out), env=env, cwd=REPO)
+    state = out / '.encode'
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.is_dir() and sum(n.startswith('part_') for n in os.listdir(state)) >= 3:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = sum(n.startswith('part_') for n in os.listdir(state))
+    assert 3 <= finished < 20 and not (out / 'index.json').exists()  # killed part-way
+    resumed = subprocess.run(
+        _command(vae_dir, tmp_path / 'many', out), env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f'resumed: {finished} parts' in resumed.stdout
+    assert _without_state(out) == _without_state(tmp_path / 'whole')
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_write_what_one_process_writes(vae_dir, tmp_path):
+    _photos(tmp_path / 'many', count=40)
+    env = {**os.environ, 'PYTHONPATH': str(REPO)}
+    one = subprocess.run(
+        _command(vae_dir, tmp_path / 'many', tmp_path / 'one', '--flip'),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    launcher = [sys.executable, '-m', 'composer.cli.launcher', '-n', '2']
+    two = subprocess.run(
+        launcher + _command(vae_dir, tmp_path / 'many', tmp_path / 'two', '--flip')[1:],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert 'this rank (0 of 2) encoded 24;' in two.stdout  # parts 0, 2, 4 of 8, 8, 8, 8, 8 samples
+    assert _without_state(tmp_path / 'two') == _without_state(tmp_path / 'one')
+
+
+@pytest.mark.slow
+def test_reads_images_from_and_streams_latents_from_an_object_store(vae_dir, bucket, photos, tmp_path):  # noqa: F811
+    convert('folder', bucket.uri('images'), input=str(photos), options=ConvertOptions(progress=False))
+    out = tmp_path / 'latents'
+    summary = encode_latents(
+        str(vae_dir),
+        bucket.uri('images'),
+        str(out),
+        EncodeOptions(resolution=32, **QUIET),
+        local=str(tmp_path / 'cache'),
+    )
+    assert summary.written == 7
+    for name, data in dataset_files(out).items():
+        bucket.put(f'latents/{name}', data)
+    remote = StreamingLatentDataset(remote=bucket.uri('latents'), local=str(tmp_path / 'stream'), shuffle=False)
+    local = StreamingLatentDataset(local=str(out), shuffle=False)
+    assert remote.scaling_factor == 1.5305
+    assert all(torch.equal(remote[i]['latent'], local[i]['latent']) for i in range(7))
