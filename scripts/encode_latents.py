@@ -18,6 +18,7 @@ import argparse
 from eqvae_composer.cli import run_cli
 from eqvae_composer.data.parts import OutputExistsError
 from eqvae_composer.latents import EncodeOptions, encode_latents, format_summary
+from eqvae_composer.latents.encode import COMPUTE_DTYPES
 from eqvae_composer.latents.preprocess import CROPS
 from eqvae_composer.latents.storage import DTYPES, STORES
 
@@ -37,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0, help='noise seed of --store sample (default: 0)')
     parser.add_argument('--limit', type=int, help='encode only the first N samples')
     parser.add_argument('--device', help="torch device (default: this rank's GPU, else cpu)")
+    parser.add_argument(
+        '--compute-dtype', choices=COMPUTE_DTYPES, default='float32', help='encoder precision (default: float32)'
+    )
+    parser.add_argument('--channels-last', action='store_true', help='NHWC encoder (faster convolutions on CPU)')
     parser.add_argument('--local', help='cache folder for a remote --data')
     parser.add_argument('--image-column', help='MDS column with the image (default: found)')
     parser.add_argument('--label-column', help='MDS column with the label (default: found, if any)')
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         limit=args.limit,
         device=args.device,
+        compute_dtype=args.compute_dtype,
+        channels_last=args.channels_last,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -162,27 +162,39 @@ def test_dataset_samples_the_posterior_reproducibly(vae_dir, photos, tmp_path):
     assert batch['latent'].shape == (4, 16, 4, 4) and 'label' not in batch
 
 
-def _streaming_imagenet_mds(root: Path, images: list[Image.Image], labels: list[int], bad: dict[int, bytes]) -> Path:
-    """An MDS set laid out as ``streaming.vision.convert.imagenet`` writes it (``i``, ``x``, ``y``), some samples bad."""
-    with MDSWriter(out=str(root), columns={'i': 'int', 'x': 'bytes', 'y': 'int'}, size_limit=1 << 12) as writer:
-        for i, (img, label) in enumerate(zip(images, labels)):
-            writer.write({'i': i, 'x': bad.get(i, jpeg_bytes(img)), 'y': label})
+def _mds(root: Path, columns: dict[str, str], samples: list[dict]) -> Path:
+    with MDSWriter(out=str(root), columns=columns, size_limit=1 << 12) as writer:
+        for sample in samples:
+            writer.write(sample)
     return root
 
 
-def test_labels_and_bad_samples_from_a_dataset_another_tool_wrote(vae_dir, tmp_path):
+def test_labels_of_a_dataset_in_streamings_imagenet_layout(vae_dir, tmp_path):
+    # streaming.vision.convert.imagenet: columns i (int), x (jpeg: a PIL image), y (int label).
+    images = [Image.open(write_image(tmp_path / 'raw' / f'{i}.jpg', photo(60 + i, 40, seed=i))) for i in range(5)]
+    samples = [{'i': i, 'x': img, 'y': label} for i, (img, label) in enumerate(zip(images, [3, 1, 4, 1, 5]))]
+    data = _mds(tmp_path / 'in', {'i': 'int', 'x': 'jpeg', 'y': 'int'}, samples)
+    out = tmp_path / 'latents'
+    summary = encode_latents(str(vae_dir), str(data), str(out), EncodeOptions(resolution=32, part_size=2, **QUIET))
+    assert summary.written == 5 and not summary.skipped
+    dataset = StreamingLatentDataset(local=str(out), shuffle=False)
+    assert [int(dataset[i]['label']) for i in range(5)] == [3, 1, 4, 1, 5]
+    assert json.loads((out / 'latents.json').read_text())['labelled'] is True
+
+
+def test_bad_samples_are_reported_and_the_rest_encoded(vae_dir, tmp_path):
     images = [photo(60 + i, 40, seed=i) for i in range(7)]
-    bad = {2: b'\xff\xd8\xff not a jpeg', 4: jpeg_bytes(images[4])[:-400]}  # garbage; a JPEG cut short
-    data = _streaming_imagenet_mds(tmp_path / 'in', images, [3, 1, 4, 1, 5, 9, 2], bad)
+    encoded = [jpeg_bytes(img) for img in images]
+    encoded[2], encoded[4] = b'\xff\xd8\xff not a jpeg', encoded[4][:-400]  # garbage; a JPEG cut short
+    samples = [{'image': data, 'key': f'k{i}', 'label': i} for i, data in enumerate(encoded)]
+    data = _mds(tmp_path / 'in', {'image': 'bytes', 'key': 'str', 'label': 'int'}, samples)
     out = tmp_path / 'latents'
     summary = encode_latents(str(vae_dir), str(data), str(out), EncodeOptions(resolution=32, part_size=4, **QUIET))
-    assert summary.written == 5 and [key for key, _ in summary.skipped] == ['2', '4']
+    assert summary.written == 5 and [key for key, _ in summary.skipped] == ['k2', 'k4']
     assert summary.skipped[0][1] == 'not a readable image (unknown format)'
     assert summary.skipped[1][1].startswith('cannot decode image (OSError: image file is truncated')
-    assert [r['key'] for r in read_skipped(out / 'skipped.jsonl')] == ['2', '4']
-    dataset = StreamingLatentDataset(local=str(out), shuffle=False)
-    assert [int(dataset[i]['label']) for i in range(5)] == [3, 1, 1, 9, 2]
-    assert [s['key'] for s in read_mds(out)] == ['0', '1', '3', '5', '6']
+    assert [r['key'] for r in read_skipped(out / 'skipped.jsonl')] == ['k2', 'k4']
+    assert [(s['key'], s['label']) for s in read_mds(out)] == [('k0', 0), ('k1', 1), ('k3', 3), ('k5', 5), ('k6', 6)]
     assert json.loads((out / 'latents.json').read_text())['skipped'] == 2
 
 

@@ -34,3 +34,23 @@ def test_readme_replication_summary_quotes_only_numbers_that_results_md_shows():
     assert len(numbers) >= 10, summary
     missing = [n for n in numbers if n not in results]
     assert not missing, f'README quotes {missing}, which docs/RESULTS.md does not show'
+
+
+def test_latents_example_reads_what_encode_latents_wrote(tmp_path, monkeypatch):
+    """The README's StreamingLatentDataset block, on latents of an SD-VAE-shaped (f8, 4 channels) VAE at 256 px."""
+    import torch
+
+    from eqvae_composer.latents import EncodeOptions, encode_latents
+    from tests.conftest import tiny_vae
+    from tests.data_fixtures import photo, write_image
+
+    for i in range(32):
+        write_image(tmp_path / 'images' / f'{i:02d}.png', photo(300, 260, seed=i))
+    tiny_vae().save_pretrained(tmp_path / 'vae')
+    monkeypatch.chdir(tmp_path)
+    encode_latents('vae', 'images', 'mds/latents-train', EncodeOptions(resolution=256, progress=False))
+    block = re.findall(r'```python\n(.*?)```', _section('Latents for diffusion training'), flags=re.S)[0]
+    namespace: dict = {}
+    exec(compile(block, str(README), 'exec'), namespace)
+    assert namespace['batch']['latent'].shape == torch.Size([32, 4, 32, 32])
+    assert 'label' not in namespace['batch']  # an unlabelled folder
