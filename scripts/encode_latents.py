@@ -18,7 +18,7 @@ import argparse
 from eqvae_composer.cli import run_cli
 from eqvae_composer.data.parts import OutputExistsError
 from eqvae_composer.latents import EncodeOptions, encode_latents, format_summary
-from eqvae_composer.latents.encode import COMPUTE_DTYPES
+from eqvae_composer.latents.encode import COMPUTE_DTYPES, NothingEncodedError, ShardReadError
 from eqvae_composer.latents.preprocess import CROPS
 from eqvae_composer.latents.storage import DTYPES, STORES
 
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--vae', required=True, help='diffusers folder, LDM .ckpt/.safetensors, Composer checkpoint')
     parser.add_argument('--data', required=True, help='image MDS folder or URL (s3://...), or an image folder')
-    parser.add_argument('--out', required=True, help='output folder (MDS dataset of latents)')
+    parser.add_argument('--out', required=True, help='local output folder, shared across nodes (MDS of latents)')
     parser.add_argument('--resolution', type=int, default=256, help='image side after the crop (default: 256)')
     parser.add_argument('--crop', choices=CROPS, default='adm', help="preprocessing (default: adm, DiT's)")
     parser.add_argument('--store', choices=list(STORES), default='mean_std', help='what to keep (default: mean_std)')
@@ -83,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    run_cli(main, extra_errors=(OutputExistsError, ValueError, KeyError))
+    run_cli(main, extra_errors=(OutputExistsError, NothingEncodedError, ShardReadError, ValueError, KeyError))

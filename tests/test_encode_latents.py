@@ -21,6 +21,7 @@ from streaming import MDSWriter
 from eqvae_composer.data.convert import ConvertOptions, convert
 from eqvae_composer.data.parts import OutputExistsError
 from eqvae_composer.latents import EncodeOptions, StreamingLatentDataset, center_crop_arr, encode_latents
+from eqvae_composer.latents.encode import NothingEncodedError, ShardReadError
 from eqvae_composer.latents.preprocess import preprocess_image
 from tests.conftest import tiny_kl_config, tiny_vq
 from tests.data_fixtures import (  # noqa: F401  (fixtures, used by name)
@@ -198,6 +199,46 @@ def test_bad_samples_are_reported_and_the_rest_encoded(vae_dir, tmp_path):
     assert json.loads((out / 'latents.json').read_text())['skipped'] == 2
 
 
+def test_a_jpeg_column_streaming_cannot_decode_is_one_skipped_sample(vae_dir, tmp_path):
+    # With a 'jpeg' column streaming opens the image inside get_item: the failure surfaces there.
+    images = [Image.open(write_image(tmp_path / 'raw' / f'{i}.jpg', photo(60, 40, seed=i))) for i in range(3)]
+    data = _mds(tmp_path / 'in', {'x': 'jpeg', 'y': 'int'}, [{'x': img, 'y': i} for i, img in enumerate(images)])
+    shard = next(data.glob('shard.*.mds'))
+    raw = bytearray(shard.read_bytes())
+    second = raw.index(b'\xff\xd8\xff', raw.index(b'\xff\xd8\xff') + 1)
+    raw[second : second + 16] = b'no jpeg here....'
+    shard.write_bytes(bytes(raw))
+    summary = encode_latents(str(vae_dir), str(data), str(tmp_path / 'out'), EncodeOptions(resolution=32, **QUIET))
+    assert summary.written == 2 and summary.skipped == [('1', 'not a readable image (unknown format)')]
+
+
+def test_a_missing_shard_stops_the_run_and_the_same_command_resumes(vae_dir, tmp_path):
+    # Not a skipped sample: streaming leaves a shard whose read failed half-prepared, so a second
+    # read of it would wait forever. The run stops with the shard named; restored, it resumes.
+    images = [jpeg_bytes(photo(60, 40, seed=i)) for i in range(6)]
+    data = _mds(tmp_path / 'in', {'image': 'bytes'}, [{'image': img} for img in images])
+    shards = sorted(data.glob('shard.*.mds'))
+    assert len(shards) > 2
+    kept = shards[-1].read_bytes()
+    shards[-1].unlink()
+    out = tmp_path / 'out'
+    options = EncodeOptions(resolution=32, part_size=2, batch_size=1, **QUIET)
+    with pytest.raises(ShardReadError, match=rf'cannot read sample \d of {data}.*resumes'):
+        encode_latents(str(vae_dir), str(data), str(out), options)
+    assert not (out / 'index.json').exists()
+    shards[-1].write_bytes(kept)
+    summary = encode_latents(str(vae_dir), str(data), str(out), options)
+    assert summary.written == 6 and summary.resumed_parts >= 1
+
+
+def test_nothing_usable_writes_no_dataset(vae_dir, tmp_path):
+    data = _mds(tmp_path / 'in', {'image': 'bytes'}, [{'image': b'not an image'}] * 3)
+    out = tmp_path / 'out'
+    with pytest.raises(NothingEncodedError, match=r'all 3 were skipped \(the first, 0: not a readable image'):
+        encode_latents(str(vae_dir), str(data), str(out), EncodeOptions(resolution=32, **QUIET))
+    assert not (out / 'index.json').exists() and len(read_skipped(out / 'skipped.jsonl')) == 3
+
+
 def test_a_split_smaller_than_a_batch_and_a_single_sample(vae_dir, tmp_path):
     write_image(tmp_path / 'one' / 'only.png', photo(50, 40))
     summary = encode_latents(
@@ -228,6 +269,12 @@ def test_errors_a_user_can_fix(vae_dir, tmp_path):
         encode_latents(str(vae_dir), str(tmp_path / 'nope'), str(tmp_path / 'o2'), EncodeOptions(resolution=32))
     with pytest.raises(ValueError, match='multiple of 8'):
         EncodeOptions(resolution=30)
+    with pytest.raises(ValueError, match='limit must be positive, got 0'):
+        EncodeOptions(limit=0)
+    with pytest.raises(ValueError, match='seed must be non-negative'):
+        EncodeOptions(seed=-1)
+    with pytest.raises(ValueError, match='must be a local .* upload it'):
+        encode_latents(str(vae_dir), str(tmp_path / 'imgs'), 's3://bucket/latents', EncodeOptions(resolution=32))
     with pytest.raises(FileNotFoundError, match='latents.json'):
         convert(
             'folder', str(tmp_path / 'images-mds'), input=str(tmp_path / 'imgs'), options=ConvertOptions(progress=False)

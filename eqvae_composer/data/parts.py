@@ -51,11 +51,14 @@ def check_plan(out: str, previous: dict[str, Any] | None, plan: dict[str, Any]) 
 
 def finished_parts(state_names: Iterable[str]) -> set[int]:
     """Part indices with a finish marker, from the names in the state folder."""
-    return {
-        int(name[len('part_') : -len('.json')])
-        for name in state_names
-        if name.startswith('part_') and name.endswith('.json')
-    }
+    markers = (name.removesuffix('.json') for name in state_names if name.endswith('.json'))
+    return {index for index in map(_part_index, markers) if index is not None}
+
+
+def _part_index(name: str) -> int | None:
+    """``7`` for ``part_00007``; ``None`` for any other name (a stray file, say)."""
+    digits = name[len('part_') :]
+    return int(digits) if name.startswith('part_') and digits.isdigit() else None
 
 
 def prepare_output(
@@ -90,7 +93,8 @@ def prepare_output(
                 os.remove(os.path.join(local, name))
         for name in os.listdir(local):
             # Parts without a finish marker were interrupted mid-write: redo them from scratch.
-            if name.startswith('part_') and int(name[len('part_') :]) not in done:
+            index = _part_index(name)
+            if index is not None and index not in done:
                 shutil.rmtree(os.path.join(local, name))
         return done
     os.makedirs(state, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import torch
@@ -81,7 +82,17 @@ class StreamingLatentDataset(StreamingDataset):
         path = os.path.join(folder, METADATA_FILE)
         if not os.path.isfile(path) and stream.remote:
             remote = f'{stream.remote.rstrip("/")}/{stream.split + "/" if stream.split else ""}{METADATA_FILE}'
-            CloudDownloader.get(remote).download(remote, path)
+            # Every rank (and worker) may download it at once: each to its own file, then an atomic rename.
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(
+                folder, f'.{METADATA_FILE}.{uuid.uuid4().hex}'
+            )  # not created: the downloader skips existing files
+            try:
+                CloudDownloader.get(remote).download(remote, tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         return read_metadata(path)
 
     def unscale(self, latents: torch.Tensor) -> torch.Tensor:

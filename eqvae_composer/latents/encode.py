@@ -9,7 +9,8 @@ Layout of the output (``storage`` describes the columns)::
     .encode/            plan.json (what is being encoded) and one marker per finished part
 
 Under the composer launcher every rank encodes the parts ``i`` with ``i % world_size == rank`` and
-rank 0 merges the parts' indexes with ``merge_index`` once all are done. Parts are fixed blocks of
+rank 0 merges the parts' indexes with ``merge_index`` once all are done (across nodes, ``out`` must
+be a shared filesystem). Parts are fixed blocks of
 the input in order, so the output is the same for any number of ranks, and a killed run resumes:
 finished parts are kept, unfinished ones redone. Posterior samples (``store='sample'``) draw their
 noise from a generator seeded by ``(seed, sample index)``, so they too do not depend on ranks or batches.
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from eqvae_composer.checkpoints import load_autoencoder
 from eqvae_composer.data.parts import finished_parts, part_name, prepare_output, write_json_atomic
-from eqvae_composer.latents.inputs import FolderImages, MDSImages, open_images
+from eqvae_composer.latents.inputs import FolderImages, MDSImages, ShardReadError, open_images
 from eqvae_composer.latents.preprocess import CROPS, preprocess_image
 from eqvae_composer.latents.storage import (
     DTYPES,
@@ -48,7 +49,14 @@ from eqvae_composer.latents.storage import (
     write_metadata,
 )
 
-__all__ = ['EncodeOptions', 'EncodeSummary', 'encode_latents', 'format_summary']
+__all__ = [
+    'EncodeOptions',
+    'EncodeSummary',
+    'NothingEncodedError',
+    'ShardReadError',
+    'encode_latents',
+    'format_summary',
+]
 
 SKIPPED_REPORT = 'skipped.jsonl'
 #: Values of ``compute_dtype``.
@@ -56,6 +64,10 @@ COMPUTE_DTYPES = ('float32', 'bfloat16')
 _STATE_DIR = '.encode'
 # A rank that finishes its parts early waits at the final barrier for the slowest one.
 _BARRIER_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+class NothingEncodedError(RuntimeError):
+    """Every input sample was skipped: no dataset is written (``skipped.jsonl`` says why each was)."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +120,11 @@ class EncodeOptions:
         ):
             if value not in allowed:
                 raise ValueError(f'{name} must be one of {", ".join(allowed)}, got {value!r}.')
-        for name in ('resolution', 'batch_size', 'part_size'):
-            if getattr(self, name) < 1:
+        for name in ('resolution', 'batch_size', 'part_size', 'limit'):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f'{name} must be positive, got {getattr(self, name)}.')
+        if self.seed < 0:
+            raise ValueError(f'seed must be non-negative (numpy seeds the posterior noise), got {self.seed}.')
         if self.resolution % 8:
             raise ValueError(f'resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}.')
 
@@ -323,8 +337,17 @@ def encode_latents(
 
     Raises:
         OutputExistsError: ``out`` holds something other than an unfinished run of the same encoding.
-        ValueError: The autoencoder has no Gaussian posterior (e.g. a ``VQModel``).
+        ValueError: The autoencoder has no Gaussian posterior (e.g. a ``VQModel``), or ``out`` is a URL.
+        NothingEncodedError: Every input sample was skipped (on rank 0).
+        ShardReadError: A shard of ``data`` could not be downloaded or read.
     """
+    if '://' in out:
+        # Ranks write parts side by side and rank 0 merges them in place: that needs a folder
+        # (shared by all nodes in a multi-node run); upload it afterwards.
+        raise ValueError(
+            f'--out {out}: the output must be a local (or shared) folder; encode there and upload it, '
+            'e.g. with `aws s3 sync`, then stream it with StreamingLatentDataset(remote=...).'
+        )
     start = time.perf_counter()
     rank, world_size = _rank_and_world()
     device = _device(options)
@@ -345,12 +368,17 @@ def encode_latents(
     num_samples = min(len(records), options.limit) if options.limit is not None else len(records)
 
     preprocessing = {'crop': options.crop, 'resolution': options.resolution, 'pixels': 'x / 127.5 - 1 (RGB)'}
-    encoding = {key: getattr(options, key) for key in ('store', 'dtype', 'flip', 'compute_dtype', 'seed')}
+    encoding_keys = ('store', 'dtype', 'flip', 'compute_dtype', 'channels_last', 'seed')
+    encoding = {key: getattr(options, key) for key in encoding_keys}
     if options.store != 'sample':
         del encoding['seed']
     plan = {
         'format_version': FORMAT_VERSION,
-        'input': {'data': str(data), 'samples': num_samples, 'sha256': _input_fingerprint(records)},
+        'input': {
+            'data': data if '://' in data else os.path.abspath(data),
+            'samples': num_samples,
+            'sha256': _input_fingerprint(records),
+        },
         'labelled': records.labelled,
         'vae_weights_sha256': vae_record['weights_sha256'],
         'preprocessing': preprocessing,
@@ -382,7 +410,7 @@ def encode_latents(
             _encode_part(vae, records, i, parts[i], out, columns, options, device, memory_format, bar)
     _barrier(world_size)
     if rank == 0:
-        _finish(out, len(parts), summary, plan, vae_record, latent_shape, columns, records)
+        _finish(out, len(parts), summary, plan, vae_record, latent_shape, columns, records, device)
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -396,8 +424,13 @@ def _finish(
     latent_shape: list[int],
     columns: dict[str, str],
     records: MDSImages | FolderImages,
+    device: torch.device,
 ) -> None:
-    """Rank 0, once every part is finished: the skipped report, ``latents.json``, then the merged index."""
+    """Rank 0, once every part is finished: the skipped report, ``latents.json``, then the merged index.
+
+    Raises:
+        NothingEncodedError: No part wrote a sample (the report is written; no index, so no dataset).
+    """
     for i in range(num_parts):
         with open(os.path.join(out, _STATE_DIR, f'{part_name(i)}.json')) as f:
             marker = json.load(f)
@@ -405,6 +438,15 @@ def _finish(
         summary.skipped.extend((key, reason) for key, reason in marker['skipped'])
     with open(os.path.join(out, SKIPPED_REPORT), 'w') as f:
         f.writelines(json.dumps({'key': key, 'reason': reason}) + '\n' for key, reason in summary.skipped)
+    if not summary.written:
+        data = plan['input']['data']
+        if not summary.skipped:
+            raise NothingEncodedError(f'{data} holds no samples: nothing to encode.')
+        key, reason = summary.skipped[0]
+        raise NothingEncodedError(
+            f'No sample of {data} could be encoded: all {len(summary.skipped)} were skipped (the first, {key}: '
+            f'{reason}); see {os.path.join(out, SKIPPED_REPORT)}.'
+        )
     write_metadata(
         out,
         {
@@ -418,6 +460,7 @@ def _finish(
             'vae': vae_record,
             'preprocessing': plan['preprocessing'],
             'input': plan['input'],
+            'device': device.type,  # of the run that finished the output
         },
     )
     logging.disable(logging.WARNING)  # merge_index warns about its temporary folder and the non-empty output

@@ -1,7 +1,8 @@
 """What ``--data`` can be for the latent encoder: an image MDS dataset (local or remote) or an image folder.
 
 The encoder reads samples by index, one record at a time, and needs them raw (its own crop), with
-their label and a stable key, and with a failure reported rather than raised: these sources give that.
+their label and a stable key, and an undecodable image reported rather than raised: these sources
+give that. A shard that cannot be downloaded or read raises: it is the store's problem, not the sample's.
 """
 
 from __future__ import annotations
@@ -17,12 +18,24 @@ from eqvae_composer.data.dataset import check_local_dataset
 from eqvae_composer.data.sources import list_folder
 from eqvae_composer.data.transforms import open_image
 
-__all__ = ['IMAGE_COLUMNS', 'LABEL_COLUMNS', 'FolderImages', 'ImageRecord', 'MDSImages', 'open_images']
+__all__ = [
+    'IMAGE_COLUMNS',
+    'LABEL_COLUMNS',
+    'FolderImages',
+    'ImageRecord',
+    'MDSImages',
+    'ShardReadError',
+    'open_images',
+]
 
 #: Image columns looked for, in order: ours, ``streaming.vision.convert.imagenet``'s, webdataset-style names.
 IMAGE_COLUMNS = ('image', 'x', 'jpg', 'png', 'img')
 #: Label columns looked for, in order.
 LABEL_COLUMNS = ('label', 'y', 'cls', 'class')
+
+
+class ShardReadError(RuntimeError):
+    """A shard of the input could not be downloaded or read (a resumed run picks up where this one stopped)."""
 
 
 @dataclass
@@ -33,6 +46,10 @@ class ImageRecord:
     image: Image.Image | None = None
     label: int | None = None
     error: str | None = None
+
+
+#: What decoding one image can raise; anything else reading a sample is a problem of the shard or the store.
+_IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError)
 
 
 def _unreadable(error: Exception) -> str:
@@ -99,8 +116,15 @@ class MDSImages:
     def __getitem__(self, index: int) -> ImageRecord:
         try:
             sample: dict[str, Any] = self.dataset.get_item(index)
-        except Exception as error:  # a corrupt shard, a failed download: this sample only
-            return ImageRecord(str(index), error=f'cannot read sample ({type(error).__name__}: {error})')
+        except _IMAGE_ERRORS as error:  # streaming decoded a 'jpeg'/'png'/'pil' column: this sample only
+            return ImageRecord(str(index), error=_unreadable(error))
+        except Exception as error:
+            # A failed download or unreadable shard is not this sample's fault, and streaming leaves
+            # the shard half-prepared (the next read of it would wait forever): stop here instead.
+            raise ShardReadError(
+                f'cannot read sample {index} of {self.source} ({type(error).__name__}: {error}); '
+                'the same command resumes once the shard is readable.'
+            ) from error
         key = str(sample['key']) if self.has_key else str(index)
         label = int(sample[self.label_column]) if self.label_column else None
         try:

@@ -3,7 +3,9 @@
 ``center_crop_arr`` is DiT's ``train.py`` function (from ADM's ``image_datasets.py``), line for line:
 halve with a box filter while the shorter side is at least twice the target, resize the shorter side
 to the target with bicubic, then take the centre square. Its pixels differ from the EQ-VAE eval
-transform's (antialiased bicubic in one step), which is why the encoder has its own.
+transform's (antialiased bicubic in one step), which is why the encoder has its own. One difference
+before it: images with transparency are composited over white (``data.images.to_rgb``, as the rest of
+this package does), where DiT's ``convert('RGB')`` drops the alpha channel; opaque images are identical.
 """
 
 from __future__ import annotations
