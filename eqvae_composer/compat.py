@@ -240,8 +240,9 @@ def init_streaming_dataset(init: Callable[..., None], **kwargs: Any) -> None:
     ``/NNNNNN_locals`` shared memory: two processes that start a dataset at the same moment on one
     machine (two jobs, or a job and its evaluation) can pick the same prefix, and the second create
     fails with ``FileExistsError``. Nothing is registered before that create, so constructing again
-    picks the next prefix. Under ``torch.distributed`` the ranks meet at barriers inside it, and one
-    rank retrying alone would hang them, so the error is raised there as before.
+    picks the next prefix. With several ``torch.distributed`` ranks they meet at barriers inside it,
+    and one rank retrying alone would hang them, so the error is raised there as before; a process
+    group of one (``composer -n 1``) has nobody to wait for and retries.
     """
     import time
 
@@ -253,7 +254,8 @@ def init_streaming_dataset(init: Callable[..., None], **kwargs: Any) -> None:
             return
         except FileExistsError as error:
             lost_race = str(error.filename or '').endswith('_locals')
-            if not lost_race or torch_dist.is_initialized() or attempt == SHM_PREFIX_ATTEMPTS - 1:
+            other_ranks = torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+            if not lost_race or other_ranks or attempt == SHM_PREFIX_ATTEMPTS - 1:
                 raise
             time.sleep(0.05 * (1 + attempt) * (1 + os.getpid() % 7) / 4)  # staggered: racers diverge
 

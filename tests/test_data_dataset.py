@@ -236,6 +236,20 @@ def test_worker_processes_cover_epoch_exactly_once(tmp_path):
     assert sorted(levels) == LEVELS
 
 
+@pytest.fixture(params=['no process group', 'process group of one'])
+def process_group(request, tmp_path):
+    """As a script runs, or as ``composer -n 1`` runs it (a gloo group of one rank)."""
+    import torch.distributed as torch_dist
+
+    created = request.param == 'process group of one' and not torch_dist.is_initialized()
+    if created:
+        torch_dist.init_process_group('gloo', init_method=f'file://{tmp_path}/pg', rank=0, world_size=1)
+    yield
+    if created:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures('process_group')
 def test_a_dataset_that_loses_streamings_shared_memory_race_takes_the_next_prefix(tmp_path, monkeypatch):
     """Another process registers the prefix our dataset found free before our dataset creates it."""
     from streaming.base.constant import LOCALS
