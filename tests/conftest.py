@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny autoencoders built from a config (no weights are ever downloaded)."""
+"""Shared fixtures: tiny autoencoders built from a config (no weights are ever downloaded); streaming's
+shared memory released after each test."""
 
 from __future__ import annotations
+
+import atexit
 
 import pytest
 import torch
@@ -67,3 +70,34 @@ def tiny_vq_config(blocks: int = 4, width: int = 8, num_codes: int = 32) -> dict
 def tiny_vq(seed: int = 0, **kwargs) -> VQModel:
     torch.manual_seed(seed)
     return VQModel.from_config(tiny_vq_config(**kwargs))
+
+
+@pytest.fixture(autouse=True)
+def release_streaming_shared_memory(monkeypatch):
+    """At the end of each test, what process exit does for the shared memory streaming opened in it.
+
+    streaming registers an ``atexit`` cleanup for every ``SharedMemory`` it creates or attaches to
+    (each dataset's, and each other prefix's it checks while finding a free one), so a process keeps
+    them all, file descriptors included, until it exits, and each new dataset opens the blocks of
+    every live prefix. A job builds a few datasets; this suite builds hundreds in one process, and
+    the descriptors grew quadratically to ``OSError: Too many open files`` near its end. Blocks
+    still in use (a dataset a longer-lived fixture holds) cannot close and are left to exit.
+    """
+    from streaming.base.shared import memory
+
+    opened = []
+    real_init = memory.SharedMemory.__init__
+
+    def init_and_record(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(memory.SharedMemory, '__init__', init_and_record)
+    yield
+    monkeypatch.undo()
+    for shm in reversed(opened):
+        try:
+            shm.cleanup()
+        except BufferError:  # a view of it is still alive: exit will clean it up
+            continue
+        atexit.unregister(shm.cleanup)
