@@ -83,10 +83,9 @@ class StreamingLatentDataset(StreamingDataset):
         if not os.path.isfile(path) and stream.remote:
             remote = f'{stream.remote.rstrip("/")}/{stream.split + "/" if stream.split else ""}{METADATA_FILE}'
             # Every rank (and worker) may download it at once: each to its own file, then an atomic rename.
+            # The file is not created first: the downloader leaves an existing file as it is.
             os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(
-                folder, f'.{METADATA_FILE}.{uuid.uuid4().hex}'
-            )  # not created: the downloader skips existing files
+            tmp = os.path.join(folder, f'.{METADATA_FILE}.{uuid.uuid4().hex}')
             try:
                 CloudDownloader.get(remote).download(remote, tmp)
                 os.replace(tmp, path)

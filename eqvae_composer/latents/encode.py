@@ -36,6 +36,7 @@ from streaming.base.util import merge_index
 from tqdm import tqdm
 
 from eqvae_composer.checkpoints import load_autoencoder
+from eqvae_composer.data.convert import is_remote
 from eqvae_composer.data.parts import finished_parts, part_name, prepare_output, write_json_atomic
 from eqvae_composer.latents.inputs import FolderImages, MDSImages, ShardReadError, open_images
 from eqvae_composer.latents.preprocess import CROPS, preprocess_image
@@ -341,7 +342,7 @@ def encode_latents(
         NothingEncodedError: Every input sample was skipped (on rank 0).
         ShardReadError: A shard of ``data`` could not be downloaded or read.
     """
-    if '://' in out:
+    if is_remote(out):
         # Ranks write parts side by side and rank 0 merges them in place: that needs a folder
         # (shared by all nodes in a multi-node run); upload it afterwards.
         raise ValueError(
@@ -375,7 +376,7 @@ def encode_latents(
     plan = {
         'format_version': FORMAT_VERSION,
         'input': {
-            'data': data if '://' in data else os.path.abspath(data),
+            'data': data if is_remote(data) else os.path.abspath(data),
             'samples': num_samples,
             'sha256': _input_fingerprint(records),
         },

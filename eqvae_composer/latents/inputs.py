@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from eqvae_composer.compat import init_streaming_dataset
+from eqvae_composer.data.convert import is_remote
 from eqvae_composer.data.dataset import check_local_dataset
 from eqvae_composer.data.sources import list_folder
 from eqvae_composer.data.transforms import open_image
@@ -174,7 +175,7 @@ def open_images(
     Raises:
         FileNotFoundError: ``data`` is neither.
     """
-    if '://' in data:
+    if is_remote(data):
         return MDSImages(local, data, image_column, label_column)
     if os.path.isfile(os.path.join(data, 'index.json')):
         return MDSImages(data, None, image_column, label_column)
