@@ -12,7 +12,14 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ['DEMO_CROP_SIDES', 'DEMO_EVAL_PHOTOS', 'DEMO_TRAIN_PHOTOS', 'demo_crops', 'write_demo_folders']
+__all__ = [
+    'DEMO_CROP_SIDES',
+    'DEMO_EVAL_PHOTOS',
+    'DEMO_TRAIN_PHOTOS',
+    'demo_crops',
+    'random_crops',
+    'write_demo_folders',
+]
 
 #: Photographs cropped for training (file names in ``skimage/data``).
 DEMO_TRAIN_PHOTOS = (
@@ -39,8 +46,41 @@ def _skimage_data_dir() -> str:
     return os.path.dirname(skimage.data.__file__)
 
 
+def random_crops(
+    image: Image.Image, count: int, seed: int, crop_sides: tuple[int, int], name: str = 'the image'
+) -> list[Image.Image]:
+    """Deterministic random crops of one image, square-ish (aspect at most 1.25), at random positions.
+
+    Args:
+        image: The image to crop.
+        count: Number of crops.
+        seed: Seed of the crop positions and sizes.
+        crop_sides: Inclusive range of the crops' sides in pixels; at most the image's shorter side.
+        name: What the error message calls the image. Default: ``'the image'``.
+
+    Returns:
+        list[Image.Image]: Crops with sides in ``crop_sides``, in ``image``'s mode.
+
+    Raises:
+        ValueError: ``crop_sides`` is empty or does not fit inside the image.
+    """
+    if min(crop_sides) < 1 or max(crop_sides) > min(image.size) or crop_sides[0] > crop_sides[1]:
+        raise ValueError(
+            f'crop_sides {tuple(crop_sides)} must lie within [1, {min(image.size)}] for {name} {image.size}.'
+        )
+    rng = np.random.default_rng(seed)
+    crops = []
+    for _ in range(count):
+        height = int(rng.integers(crop_sides[0], crop_sides[1] + 1))
+        width = int(np.clip(round(height * rng.uniform(1 / _MAX_ASPECT, _MAX_ASPECT)), *crop_sides))
+        left = int(rng.integers(0, image.width - width + 1))
+        top = int(rng.integers(0, image.height - height + 1))
+        crops.append(image.crop((left, top, left + width, top + height)))
+    return crops
+
+
 def demo_crops(photo: str, count: int, seed: int, crop_sides: tuple[int, int] = DEMO_CROP_SIDES) -> list[Image.Image]:
-    """Deterministic random crops of one scikit-image photograph.
+    """Deterministic random crops of one scikit-image photograph (see ``random_crops``).
 
     Args:
         photo: File name in ``skimage/data``.
@@ -54,17 +94,7 @@ def demo_crops(photo: str, count: int, seed: int, crop_sides: tuple[int, int] = 
     """
     with Image.open(os.path.join(_skimage_data_dir(), photo)) as f:
         img = f.convert('RGB')
-    if min(crop_sides) < 1 or max(crop_sides) > min(img.size) or crop_sides[0] > crop_sides[1]:
-        raise ValueError(f'crop_sides {tuple(crop_sides)} must lie within [1, {min(img.size)}] for {photo} {img.size}.')
-    rng = np.random.default_rng(seed)
-    crops = []
-    for _ in range(count):
-        height = int(rng.integers(crop_sides[0], crop_sides[1] + 1))
-        width = int(np.clip(round(height * rng.uniform(1 / _MAX_ASPECT, _MAX_ASPECT)), *crop_sides))
-        left = int(rng.integers(0, img.width - width + 1))
-        top = int(rng.integers(0, img.height - height + 1))
-        crops.append(img.crop((left, top, left + width, top + height)))
-    return crops
+    return random_crops(img, count, seed, crop_sides, name=photo)
 
 
 def write_demo_folders(
