@@ -54,7 +54,7 @@ __all__ = [
     'DEFAULT_OUT',
     'HELD_OUT',
     'Photo',
-    'TestbedSpec',
+    'CropSpec',
     'build_manifest',
     'licence_of',
     'locate_photos',
@@ -160,7 +160,7 @@ HELD_OUT = ('picosdeeuropa', 'friends', 'Picture_0B', 'LadyBird', 'EveningGlow',
 
 
 @dataclass(frozen=True)
-class TestbedSpec:
+class CropSpec:
     """How the crops are cut; the manifest records it, and ``replicate.py`` compares it between runs.
 
     Attributes:
@@ -248,7 +248,7 @@ def split_photos(photos: Sequence[Photo], held_out: Collection[str] = HELD_OUT) 
     return splits
 
 
-def photo_crops(image: Image.Image, name: str, count: int, spec: TestbedSpec) -> list[Image.Image]:
+def photo_crops(image: Image.Image, name: str, count: int, spec: CropSpec) -> list[Image.Image]:
     """``count`` crops of one photograph: shrunk to ``spec.work_side`` on its shorter side, then cropped.
 
     Args:
@@ -359,7 +359,7 @@ def build_manifest(
     files: dict[Photo, str],
     splits: dict[str, list[Photo]],
     packages: dict[str, dict[str, str]],
-    spec: TestbedSpec,
+    spec: CropSpec,
     counts: dict[str, int],
 ) -> dict[str, Any]:
     """What the testbed is made of: the spec, every photograph with its licence, every package's copyright.
@@ -479,7 +479,7 @@ def write_testbed(
     splits: dict[str, list[Photo]],
     packages: dict[str, dict[str, str]],
     out: str,
-    spec: TestbedSpec = TestbedSpec(),
+    spec: CropSpec = CropSpec(),
 ) -> dict[str, Any]:
     """Crop every photograph and write ``out/train``, ``out/val`` (image MDS) and ``out/manifest.json``.
 
@@ -488,7 +488,7 @@ def write_testbed(
         splits: ``split_photos``' result.
         packages: Package -> version and copyright text (``fetch_packages``).
         out: Output folder; must not exist yet, or hold an earlier, unfinished build (no manifest).
-        spec: How to crop. Default: ``TestbedSpec()``.
+        spec: How to crop. Default: ``CropSpec()``.
 
     Returns:
         dict[str, Any]: The manifest (written last: a testbed without one is unfinished).
@@ -524,7 +524,7 @@ def write_testbed(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    defaults = TestbedSpec()
+    defaults = CropSpec()
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default=DEFAULT_OUT, help=f'testbed folder (default: {DEFAULT_OUT})')
     parser.add_argument(
@@ -542,7 +542,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        spec = TestbedSpec(
+        spec = CropSpec(
             work_side=args.work_side,
             crop_sides=tuple(args.crop_sides),
             train_per_photo=args.train_per_photo,
