@@ -2,13 +2,17 @@
 
     python scripts/replicate.py                 # the whole experiment (docs/RESULTS.md, docs/results/)
     python scripts/replicate.py --quick --out /tmp/rep --docs /tmp/rep/docs   # a smoke run of a few minutes
+    python scripts/photo_testbed.py && python scripts/replicate.py --photos testbed --out runs/replicate-testbed
 
 Stages, each cached under ``--out``; the same command started again after a kill resumes where it stopped:
 
 1. data: crops of the demo photographs that are larger than the training resolution, so every training
-   and held-out image is downsampled and has detail down to the pixel (``OUT/data``);
-2. base: a small f8 AutoencoderKL trained from scratch at 128 px (16x16 latents), checkpointed along
-   the way so its held-out PSNR curve shows where it plateaus;
+   and held-out image is downsampled and has detail down to the pixel (``OUT/data``); with ``--photos
+   testbed`` (or ``--photos DIR``) the photograph testbed that ``scripts/photo_testbed.py`` built instead:
+   37 photographs from Debian's wallpaper packages, 6 of them held out;
+2. base: a small f8 AutoencoderKL trained from scratch at 128 px (16x16 latents; ``--downsampling 4``: f4,
+   32x32 latents, the paper's grid), checkpointed along the way so its held-out PSNR curve shows where it
+   plateaus;
 3. fine-tunes from the base, one per arm and seed (``ARMS``): ``control`` (the same fine-tuning without
    the regularizer), ``eq`` (``EquivarianceAlgorithm()``), ``eq-alternating`` (eq with the reference's
    alternating GAN updates), ``eq-discrete`` (eq drawing the evaluation scales), and investigation arms
@@ -55,6 +59,7 @@ from eqvae_composer.data.sources import list_folder
 from eqvae_composer.evaluation import EvalProtocol, build_eval_dataset, evaluate
 from eqvae_composer.train import train
 from scripts import replicate_report
+from scripts.photo_testbed import DEFAULT_OUT as DEFAULT_TESTBED
 
 #: The fine-tuning arms: TrainConfig sections merged over the shared fine-tuning config, and what each shows.
 ARMS: dict[str, tuple[dict[str, Any], str]] = {
@@ -80,6 +85,10 @@ ARMS: dict[str, tuple[dict[str, Any], str]] = {
 }
 DEFAULT_ARMS = ('control', 'eq', 'eq-alternating', 'eq-discrete')
 
+#: block_out_channels per downsampling factor: SD-VAE's layout at reduced width; f4 has one block fewer, as
+#: LDM's kl-f4 (3 levels) has against kl-f8 (4).
+BLOCKS_BY_DOWNSAMPLING: dict[int, tuple[int, ...]] = {8: (16, 32, 32, 32), 4: (16, 32, 32)}
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -100,10 +109,12 @@ class Plan:
     arms: tuple[str, ...] = DEFAULT_ARMS
     eval_resolutions: tuple[int, ...] = (128, 256)  # the first is where curves and intrinsic dimension are taken
     eval_images: int | None = None  # None: the whole held-out split
-    crop_sides: tuple[int, int] = (160, 300)  # demo crops' sides: above 128 px, at most chelsea.png's 300
+    # The demo photographs' crops (a testbed brings its own, see photo_testbed.CropSpec):
+    crop_sides: tuple[int, int] = (160, 300)  # sides above 128 px, at most chelsea.png's 300
     train_per_photo: int = 48
     eval_per_photo: int = 24
     base_seed: int = 17
+    photos: str = 'demo'  # 'demo' (scikit-image's photographs) or the folder of a photo_testbed.py testbed
 
     def __post_init__(self) -> None:
         unknown = [arm for arm in self.arms if arm not in ARMS]
@@ -111,6 +122,11 @@ class Plan:
             raise ValueError(f'unknown arms {unknown}; choose from {list(ARMS)}.')
         if 'control' not in self.arms:
             raise ValueError('the arms must include control: every other arm is compared with it.')
+
+    @property
+    def downsampling(self) -> int:
+        """Pixels per latent cell: diffusers' Encoder halves the size after every block but the last."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     @property
     def stages(self) -> list[str]:
@@ -222,8 +238,38 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
+def testbed_manifest(folder: str) -> dict[str, Any]:
+    """The manifest of the photo testbed in ``folder`` (``scripts/photo_testbed.py``); a clear error without one."""
+    manifest = os.path.join(folder, 'manifest.json')
+    if not os.path.isfile(manifest):
+        raise SystemExit(
+            f'error: --photos {folder}: no photo testbed there (no {manifest}); '
+            f'build it with: python scripts/photo_testbed.py --out {folder}'
+        )
+    return _read_json(manifest)
+
+
 def data_spec(plan: Plan) -> dict[str, Any]:
-    return {'crop_sides': list(plan.crop_sides), 'train': plan.train_per_photo, 'val': plan.eval_per_photo}
+    """What ``OUT/data`` was written from; a run folder's data is reused only for the same spec."""
+    if plan.photos == 'demo':
+        return {'crop_sides': list(plan.crop_sides), 'train': plan.train_per_photo, 'val': plan.eval_per_photo}
+    manifest = testbed_manifest(plan.photos)
+    return {'photos': 'testbed', 'testbed': manifest['spec'], 'splits': manifest['splits']}
+
+
+def data_line(plan: Plan) -> str | None:
+    """RESULTS.md's description of a testbed's data (``None`` for the demo photographs, which it describes itself)."""
+    if plan.photos == 'demo':
+        return None
+    manifest = testbed_manifest(plan.photos)
+    spec, splits, images = manifest['spec'], manifest['splits'], manifest['images']
+    low, high = spec['crop_sides']
+    return (
+        f"crops of real photographs from Debian's wallpaper packages (`scripts/photo_testbed.py`; licences in its\n"
+        f'  manifest.json), each shrunk to {spec["work_side"]} px on its shorter side, crop sides {low}-{high} px:\n'
+        f'  {images["train"]} crops of {len(splits["train"])} photographs for training, {images["val"]} crops of '
+        f'{len(splits["val"])} other photographs held out ({", ".join(splits["val"])}).'
+    )
 
 
 def prepare_data(plan: Plan, out: str) -> str:
@@ -236,6 +282,11 @@ def prepare_data(plan: Plan, out: str) -> str:
             raise SystemExit(f'error: {data} was written for {_read_json(spec_file)}, not {spec}; use another --out.')
         return data
     shutil.rmtree(data, ignore_errors=True)
+    if plan.photos != 'demo':  # the testbed's shards as they are: photo_testbed.py wrote them with the converter
+        for split in ('train', 'val'):
+            shutil.copytree(os.path.join(plan.photos, split), os.path.join(data, split))
+        _write_json(spec_file, spec)
+        return data
     staging = os.path.join(out, 'data-raw')
     shutil.rmtree(staging, ignore_errors=True)
     folders = write_demo_folders(
@@ -527,6 +578,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--out', default=None, help='runs folder (default: runs/replicate, or runs/replicate-quick)')
     parser.add_argument('--docs', default=None, help='where RESULTS.md and results/ go (default: docs, or OUT/docs)')
     parser.add_argument('--quick', action='store_true', help='tiny step counts: a smoke run of a few minutes')
+    parser.add_argument(
+        '--photos',
+        default='demo',
+        metavar='demo|testbed|DIR',
+        help="the photographs: demo (scikit-image's, the default), testbed (the one scripts/photo_testbed.py "
+        f'built in {DEFAULT_TESTBED}) or the folder of another',
+    )
+    parser.add_argument(
+        '--downsampling',
+        type=int,
+        choices=sorted(BLOCKS_BY_DOWNSAMPLING),
+        default=None,
+        help="the base VAE's factor: 8 (default; 16x16 latents at 128 px) or 4 (32x32, the paper's grid)",
+    )
     parser.add_argument('--arms', nargs='+', choices=list(ARMS), help=f'arms (default: {" ".join(DEFAULT_ARMS)})')
     parser.add_argument('--seeds', nargs='+', type=int, help='fine-tuning seeds (default: 17 18)')
     parser.add_argument('--base-steps', type=int, default=None)
@@ -548,6 +613,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         'finetune_lr': args.finetune_lr,
         'arms': tuple(args.arms) if args.arms else None,
         'seeds': tuple(args.seeds) if args.seeds else None,
+        'block_out_channels': BLOCKS_BY_DOWNSAMPLING[args.downsampling] if args.downsampling else None,
+        'photos': None
+        if args.photos == 'demo'
+        else os.path.abspath(DEFAULT_TESTBED if args.photos == 'testbed' else args.photos),
     }
     return replace(QUICK if args.quick else FULL, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -566,6 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     plan = make_plan(args)
     docs = args.docs or (os.path.join(out, 'docs') if args.quick else 'docs')
+    if plan.photos != 'demo':
+        testbed_manifest(plan.photos)  # before anything is written: a missing testbed is one line
     os.makedirs(out, exist_ok=True)
     _write_json(os.path.join(out, 'plan.json'), asdict(plan))
     if args.base_from:
@@ -586,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             'command': command,
             'jobs': args.jobs,
+            'data_line': data_line(plan),
         }
     )
     os.makedirs(os.path.join(docs, 'results'), exist_ok=True)

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from streaming.base.util import clean_stale_shared_memory
 
 from scripts import replicate, replicate_report
@@ -202,3 +203,55 @@ def test_base_from_adopts_another_runs_base_only_for_the_same_base_plan(tmp_path
         replicate.adopt_base(dataclasses.replace(plan, base_steps=plan.base_steps + 1), str(tmp_path / 'x'), source)
     with pytest.raises(SystemExit, match='no finished base'):
         replicate.adopt_base(plan, str(tmp_path / 'y'), str(tmp_path / 'nothing'))
+
+
+def _fake_testbed(folder) -> dict:
+    """What scripts/photo_testbed.py leaves: train/ and val/ shard folders and manifest.json."""
+    for split in ('train', 'val'):
+        (folder / split).mkdir(parents=True)
+        (folder / split / 'index.json').write_text(json.dumps({'split': split}))
+    manifest = {
+        'spec': {'work_side': 512, 'crop_sides': [160, 320], 'train_per_photo': 48, 'val_per_photo': 16},
+        'splits': {'train': ['hill', 'lake', 'leaf'], 'val': ['dog']},
+        'images': {'train': 144, 'val': 16},
+        'photos': [],
+    }
+    (folder / 'manifest.json').write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_photos_and_downsampling_flags_reach_the_plan_the_data_and_the_vae(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    default = replicate.make_plan(replicate.parse_args([]))
+    assert default.photos == 'demo' and default.downsampling == 8
+    # the demo's data spec is what runs before the flag recorded: their data stays valid
+    assert replicate.data_spec(default) == {'crop_sides': [160, 300], 'train': 48, 'val': 24}
+    assert replicate.data_line(default) is None
+
+    monkeypatch.chdir(tmp_path)
+    assert replicate.make_plan(replicate.parse_args(['--photos', 'testbed'])).photos == str(
+        tmp_path / 'runs' / 'photo-testbed'
+    )
+    manifest = _fake_testbed(tmp_path / 'bed')
+    plan = replicate.make_plan(replicate.parse_args(['--photos', 'bed', '--downsampling', '4']))
+    assert plan.photos == str(tmp_path / 'bed') and plan.downsampling == 4 and plan.resolution == 128
+    assert replicate.data_spec(plan) == {'photos': 'testbed', 'testbed': manifest['spec'], 'splits': manifest['splits']}
+    assert '144 crops of 3 photographs for training, 16 crops of 1 other photographs held out (dog)' in ' '.join(
+        replicate.data_line(plan).split()
+    )
+    data = replicate.prepare_data(plan, str(tmp_path / 'out'))
+    for split in ('train', 'val'):
+        assert json.loads((tmp_path / 'out' / 'data' / split / 'index.json').read_text()) == {'split': split}
+    assert json.loads((tmp_path / 'out' / 'data' / 'spec.json').read_text()) == replicate.data_spec(plan)
+    assert replicate.stage_config(plan, 'base', data, 'out')['train_loader']['dataset']['local'] == f'{data}/train'
+
+    # f4: 128 px images give the paper's 32x32 latent grid
+    vae = AutoencoderKL(**replicate.stage_config(plan, 'base', data, 'out')['model']['vae']['config'])
+    latent = vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mode()
+    assert latent.shape == (1, 4, 32, 32)
+
+    # no testbed there: one line naming the fix, before anything is written
+    with pytest.raises(SystemExit, match=r'no photo testbed there .* python scripts/photo_testbed.py --out'):
+        replicate.main(['--photos', 'missing', '--out', 'never'])
+    assert not (tmp_path / 'never').exists()
