@@ -466,6 +466,7 @@ def fetch_packages(packages: Collection[str], cache: str, update: bool = True) -
         marker = os.path.join(root, '.unpacked')
         if not os.path.isfile(marker) or open(marker).read() != version:
             shutil.rmtree(root, ignore_errors=True)
+            os.makedirs(root)  # dpkg-deb creates the last folder only
             _run(['dpkg-deb', '-x', deb, root])
             with open(marker, 'w') as f:
                 f.write(version)
