@@ -88,3 +88,12 @@ def test_export_script_converts_a_taming_checkpoint(taming, tmp_path):
     from safetensors.torch import load_file
 
     assert sorted(load_file(str(tmp_path / 'vqgan.safetensors'))) == sorted(model.state_dict())
+
+
+def test_a_config_given_for_a_taming_checkpoint_must_be_a_vq_models(taming):
+    _, path = taming
+    inferred = load_autoencoder(path).config
+    vae = load_autoencoder(path, config={k: v for k, v in inferred.items() if not k.startswith('_')})
+    assert isinstance(vae, VQModel)  # no class name: the VQModel the file holds
+    with pytest.raises(AutoencoderLoadError, match='taming VQGAN, but the config given is for AutoencoderKL'):
+        load_autoencoder(path, config={**inferred, '_class_name': 'AutoencoderKL'})

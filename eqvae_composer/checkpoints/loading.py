@@ -275,10 +275,13 @@ def _load_taming_vq(
 ) -> torch.nn.Module:
     """A diffusers ``VQModel`` from a taming VQGAN state dict; the config is read from its tensors unless given."""
     try:
-        resolved = resolve_config(config, subfolder) if config is not None else taming_vq_config(state)
+        if config is None:
+            resolved = taming_vq_config(state)
+        else:  # a config without a class name is taken for the VQModel the checkpoint holds
+            resolved = {'_class_name': VQModel.__name__, **resolve_config(config, subfolder)}
         if autoencoder_class(resolved) is not VQModel:
             raise KeyMismatchError(
-                f'it holds a taming VQGAN, but the config given describes a {autoencoder_class(resolved).__name__}.'
+                f'it holds a taming VQGAN, but the config given is for {autoencoder_class(resolved).__name__}.'
             )
         converted = taming_to_diffusers(state, resolved)
     except KeyMismatchError as error:
