@@ -9,7 +9,13 @@ import pytest
 import torch
 from diffusers import VQModel
 
-from eqvae_composer.checkpoints import AutoencoderLoadError, export_ldm, load_autoencoder
+from eqvae_composer.checkpoints import (
+    AutoencoderLoadError,
+    export_ldm,
+    load_autoencoder,
+    taming_key_map,
+    taming_vq_config,
+)
 from eqvae_composer.introspection import adapter_for
 from tests import taming_vqgan
 
@@ -97,3 +103,18 @@ def test_a_config_given_for_a_taming_checkpoint_must_be_a_vq_models(taming):
     assert isinstance(vae, VQModel)  # no class name: the VQModel the file holds
     with pytest.raises(AutoencoderLoadError, match='taming VQGAN, but the config given is for AutoencoderKL'):
         load_autoencoder(path, config={**inferred, '_class_name': 'AutoencoderKL'})
+
+
+def test_the_imagenet_f16_16384_layout_maps_key_for_key_and_shape_for_shape():
+    # taming's configs/imagenet_vqgan.yaml (vqgan_imagenet_f16_16384), built on the meta device: no memory.
+    ddconfig = {**taming_vqgan.taming_ddconfig((1, 1, 2, 2, 4), (16,), 256, 256), 'ch': 128, 'num_res_blocks': 2}
+    with torch.device('meta'):
+        state = taming_vqgan.VQModel(ddconfig, 16384, 256).state_dict()
+        config = taming_vq_config(state)
+        ours = VQModel.from_config(config).state_dict()
+    assert config['down_block_types'][-1] == 'AttnDownEncoderBlock2D' and config['block_out_channels'][-1] == 512
+    mapping = taming_key_map(config)
+    assert sorted(mapping) == sorted(ours) and sorted(mapping.values()) == sorted(state)
+    for key, taming_key in mapping.items():
+        assert ours[key].numel() == state[taming_key].numel(), key
+        assert ours[key].shape == state[taming_key].shape or ours[key].ndim == 2, key  # attention: linear vs 1x1 conv
