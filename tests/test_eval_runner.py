@@ -220,7 +220,9 @@ def test_eval_script_on_a_vq_model_measures_its_codebook(assets, tmp_path):
         patch('scripts.eval.load_lpips', return_value=TinyPerceptual()),
     ):
         assert main(argv) == 0  # the default metrics: rfid, psnr, ssim, lpips, equivariance, and codebook
-    metrics = json.loads(out.read_text())['metrics']
+    results = json.loads(out.read_text())
+    assert results['protocol']['reconstruction_latent'] == 'deterministic latent (no posterior to sample)'
+    metrics = results['metrics']
     for key in ('rfid', 'psnr', 'ssim', 'lpips', 'equivariance_error/R', 'equivariance_error/S', 'scaled_psnr/0.5'):
         assert np.isfinite(metrics[key]), key
 

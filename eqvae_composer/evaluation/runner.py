@@ -276,9 +276,11 @@ def evaluate(
 
     start = time.perf_counter()
     bar = tqdm(total=total, desc='eval', unit='img', disable=not progress or dist.get_global_rank() != 0)
+    deterministic = False
     for batch in loader:
         images = batch['image'].to(device)
         mode, std = _posterior(adapter, vae, images)
+        deterministic = std is None
         z = mode
         if protocol.sample_posterior and std is not None:
             noise = posterior_noise(batch['index'].tolist(), mode.shape[1:], protocol.seed).to(device, mode.dtype)
@@ -299,8 +301,16 @@ def evaluate(
         'world_size': world_size,
         'seconds': seconds,
         'images_per_second': total / seconds if seconds > 0 else float('nan'),
-        'protocol': protocol.describe(),
+        'protocol': _describe(protocol, deterministic),
     }
+
+
+def _describe(protocol: EvalProtocol, deterministic: bool) -> dict[str, Any]:
+    """``protocol.describe()``, saying so when the latent had no posterior to sample from (VQ's z_e)."""
+    description = protocol.describe()
+    if deterministic:
+        description['reconstruction_latent'] = 'deterministic latent (no posterior to sample)'
+    return description
 
 
 def _posterior(
