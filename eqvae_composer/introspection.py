@@ -54,6 +54,11 @@ def _kl_encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images).latent_dist.mode()
 
 
+def _kl_posterior(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    posterior = vae.encode(images).latent_dist
+    return posterior.mean, posterior.std
+
+
 def _vq_entry(vae: VQModel) -> nn.Module:
     # VQModel.decode(h) quantizes h itself: tau applies to the pre-quantization latent z_e and the
     # decoder sees the codes of tau(z_e) (the method card's "Discrete latents (VQ-GAN)" says why).
@@ -62,6 +67,15 @@ def _vq_entry(vae: VQModel) -> nn.Module:
 
 def _vq_encode(vae: VQModel, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images).latents  # z_e: quant_conv's output, before quantization
+
+
+def _vq_posterior(vae: VQModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return _vq_encode(vae, images), None  # deterministic: nothing to sample
+
+
+def _vq_codes(vae: VQModel, latents: torch.Tensor) -> torch.Tensor:
+    _, _, (_, _, codes) = vae.quantize(latents)  # what vae.decode(latents) quantizes to
+    return codes.reshape(len(latents), -1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,11 @@ class AutoencoderAdapter:
         encode: ``(vae, images) -> latents``, deterministic (the posterior mode; z_e for VQ), the
             latent grid the equivariance error compares.
         downsample_factor: ``vae -> int``, pixels per latent cell.
+        posterior: ``(vae, images) -> (mode, std)``: the latent ``vae.decode`` takes, as a posterior's
+            mode and standard deviation (``std`` is ``None`` for a deterministic latent, so evaluation
+            reconstructs from the mode whatever it is asked); ``encode`` without the std.
+        codes: ``(vae, latents) -> LongTensor[B, cells]``, the code indices ``vae.decode(latents)``
+            quantizes to, for the codebook metrics; ``None`` for continuous latents.
     """
 
     kind: str
@@ -83,6 +102,8 @@ class AutoencoderAdapter:
     latent_entry: Callable[[Any], nn.Module]
     encode: Callable[[Any, torch.Tensor], torch.Tensor]
     downsample_factor: Callable[[Any], int] = _encoder_downsample_factor
+    posterior: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    codes: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
 
 
 #: The registered adapters by kind, in registration order.
@@ -104,8 +125,8 @@ def register_adapter(adapter: AutoencoderAdapter) -> AutoencoderAdapter:
     return adapter
 
 
-register_adapter(AutoencoderAdapter('kl', AutoencoderKL, _kl_entry, _kl_encode))
-register_adapter(AutoencoderAdapter('vq', VQModel, _vq_entry, _vq_encode))
+register_adapter(AutoencoderAdapter('kl', AutoencoderKL, _kl_entry, _kl_encode, posterior=_kl_posterior))
+register_adapter(AutoencoderAdapter('vq', VQModel, _vq_entry, _vq_encode, posterior=_vq_posterior, codes=_vq_codes))
 
 
 def _supported() -> str:

@@ -35,6 +35,7 @@ from eqvae_composer.evaluation import (
     load_inception,
     load_reference_inception,
 )
+from eqvae_composer.introspection import adapter_for
 from eqvae_composer.models.lpips import load_lpips
 from eqvae_composer.weights import MissingWeightsError
 
@@ -55,8 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         '--metrics',
         default=None,
-        help=f'comma list from {",".join(ALL_METRICS)} (default: {",".join(DEFAULT_METRICS)}; '
-        f'with --protocol reference {",".join(REFERENCE_METRICS)}, all it can measure)',
+        help=f'comma list from {",".join(ALL_METRICS)} (default: {",".join(DEFAULT_METRICS)}, and codebook '
+        f'for a VQModel; with --protocol reference {",".join(REFERENCE_METRICS)}, all it can measure)',
     )
     parser.add_argument('--num-images', type=int, default=None, help='first N images (default: all)')
     parser.add_argument('--batch-size', type=int, default=16, help='per process')
@@ -113,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # DeviceGPU made this rank's GPU (its local rank) the current one.
     torch_device = torch.device('cuda', torch.cuda.current_device()) if use_gpu else torch.device('cpu')
     vae = load_autoencoder(args.vae, subfolder=args.subfolder)
+    if args.metrics is None and not reference and adapter_for(vae).codes is not None:
+        metrics.append('codebook')  # a vector-quantized autoencoder's codebook usage
     dataset = build_eval_dataset(args.data, args.resolution, protocol=args.protocol)
     protocol = EvalProtocol(args.resolution, sample_posterior=args.sample, seed=args.seed, name=args.protocol)
     results = evaluate(

@@ -4,11 +4,14 @@
     python scripts/export.py --checkpoint runs/eqvae/latest-rank0.pt --out exported/eq-vae --ldm exported/eq-vae.ckpt
     python scripts/export.py --checkpoint runs/eqvae-sdvae-fsdp/checkpoints/ep0-ba2000 --out exported/eq-vae  # FSDP
     python scripts/export.py --checkpoint model.ckpt --out sd-vae            # LDM .ckpt -> diffusers
+    python scripts/export.py --checkpoint vqgan_imagenet_f16_16384/checkpoints/last.ckpt --out vqgan-f16  # taming VQGAN
+    python scripts/export.py --checkpoint runs/eqvae-vq/latest-rank0.pt --ldm eq-vqgan.ckpt   # VQModel -> taming keys
 
 ``--checkpoint`` is a Composer checkpoint of this project (EMA weights when the run used EMA,
 ``--raw`` for the training weights): a file, or with ``fsdp.state_dict_type: sharded`` the
 checkpoint folder (or ``latest-rank0.pt``, which links to it), read in this one process; or anything
-``load_autoencoder`` accepts (diffusers folder, hub id, LDM ``.ckpt`` / ``.safetensors``, bare state dict).
+``load_autoencoder`` accepts (diffusers folder, hub id, LDM ``.ckpt`` / ``.safetensors``, a taming-transformers
+VQGAN ``.ckpt``, bare state dict). ``--ldm`` writes a ``VQModel`` with taming's VQGAN key names.
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='Composer checkpoint (file or sharded folder), LDM file, diffusers folder or hub id',
     )
     parser.add_argument('--out', help='diffusers folder to write (config.json + safetensors)')
-    parser.add_argument('--ldm', help='LDM-format file to write: .ckpt ({"state_dict": ...}) or .safetensors')
+    parser.add_argument(
+        '--ldm',
+        help='LDM-format file to write (taming VQGAN keys for a VQModel): .ckpt ({"state_dict": ...}) or .safetensors',
+    )
     parser.add_argument('--ldm-prefix', action='store_true', help='prefix LDM keys with first_stage_model.')
     parser.add_argument('--raw', action='store_true', help='export the raw training weights, not the EMA ones')
     parser.add_argument(

@@ -1,5 +1,7 @@
 """EquivarianceAlgorithm: configuration, the events on a minimal State, and a Trainer with two model shapes."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,34 @@ def test_defaults_are_the_reference_defaults():
 def test_invalid_values_raise_value_error_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         EquivarianceAlgorithm(**kwargs)
+
+
+#: A value other than the default for every constructor argument.
+NON_DEFAULTS = dict(
+    p_equivariance=0.75,
+    p_lowres=0.5,
+    scales=(0.25, 0.5),
+    anisotropic=True,
+    rotations=(0, 2),
+    interpolation='bicubic',
+    antialias=True,
+    image_key='pixels',
+    downsample_factor=16,
+    lowres_isotropic=True,
+    shared_draws=True,
+    min_target_size=24,
+)
+
+
+def test_repr_rebuilds_every_constructor_argument():
+    arguments = [name for name in inspect.signature(EquivarianceAlgorithm.__init__).parameters if name != 'self']
+    assert sorted(NON_DEFAULTS) == sorted(arguments), 'give every constructor argument a non-default value here'
+    default = EquivarianceAlgorithm()
+    assert all(getattr(default, name) != value for name, value in NON_DEFAULTS.items())
+    for algo in (default, EquivarianceAlgorithm(**NON_DEFAULTS)):
+        rebuilt = eval(repr(algo), {'EquivarianceAlgorithm': EquivarianceAlgorithm})
+        assert {name: getattr(rebuilt, name) for name in arguments} == {name: getattr(algo, name) for name in arguments}
+    assert {name: getattr(rebuilt, name) for name in arguments} == NON_DEFAULTS
 
 
 def _state(model, batch):

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -20,10 +21,12 @@ from eqvae_composer.evaluation import (
     load_inception,
     posterior_noise,
     rank_shard,
+    to_uint8,
 )
 from eqvae_composer.weights import MissingWeightsError
-from tests.conftest import tiny_vae
+from tests.conftest import tiny_vae, tiny_vq
 from tests.test_eval_metrics import TinyFeatures
+from tests.test_loss import TinyPerceptual
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 32
@@ -202,3 +205,43 @@ def test_vis_latent_script(assets, tmp_path):
     image = next((assets / 'images').glob('*.png'))
     assert main(['--vae', str(assets / 'vae'), '--image', str(image), '--out', str(out), '--resolution', '64']) == 0
     assert np.array(Image.open(out)).shape == (64, 128, 3)
+
+
+def test_eval_script_on_a_vq_model_measures_its_codebook(assets, tmp_path):
+    from scripts.eval import main
+
+    vae = tiny_vq(seed=1, num_codes=16)
+    vae.save_pretrained(tmp_path / 'vq')
+    out = tmp_path / 'vq.json'
+    argv = ['--vae', str(tmp_path / 'vq'), '--data', str(assets / 'images'), '--out', str(out)]
+    argv += ['--resolution', str(RESOLUTION), '--batch-size', '4', '--no-progress']
+    with (
+        patch('scripts.eval.load_inception', return_value=TinyFeatures()),
+        patch('scripts.eval.load_lpips', return_value=TinyPerceptual()),
+    ):
+        assert main(argv) == 0  # the default metrics: rfid, psnr, ssim, lpips, equivariance, and codebook
+    results = json.loads(out.read_text())
+    assert results['protocol']['reconstruction_latent'] == 'deterministic latent (no posterior to sample)'
+    metrics = results['metrics']
+    for key in ('rfid', 'psnr', 'ssim', 'lpips', 'equivariance_error/R', 'equivariance_error/S', 'scaled_psnr/0.5'):
+        assert np.isfinite(metrics[key]), key
+
+    # Against the VQModel's own encode -> quantize -> decode, and the codes it picks, on the same images.
+    dataset = ImageFolderDataset(assets / 'images', RESOLUTION)
+    images = torch.stack([dataset[i]['image'] for i in range(6)])
+    with torch.no_grad():
+        z_e = vae.encode(images).latents
+        _, _, (_, _, codes) = vae.quantize(z_e)
+        reconstruction = vae.decode(z_e).sample
+    x, y = to_uint8(images).double() / 255, to_uint8(reconstruction).double() / 255
+    psnr = (10 * torch.log10(1 / ((x - y) ** 2).mean((1, 2, 3)))).mean()
+    assert metrics['psnr'] == pytest.approx(psnr.item(), rel=1e-5)
+    counts = torch.bincount(codes.flatten(), minlength=16).double()
+    p = counts / counts.sum()
+    perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+    assert metrics['codebook_perplexity'] == pytest.approx(perplexity.item(), rel=1e-5)
+    assert metrics['dead_code_fraction'] == pytest.approx((counts == 0).double().mean().item())
+    assert 0 < metrics['dead_code_fraction'] < 1  # 6 images x 16 cells leave some of the 16 codes unused, not all
+
+    with pytest.raises(ValueError, match='codebook.*vector-quantized'):
+        evaluate(tiny_vae(seed=1), dataset, metrics=['codebook'], progress=False)

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from composer import Trainer
-from composer.core import Algorithm, Event
+from composer.algorithms import SAM
+from composer.core import Algorithm, Callback, Event
 from torch.utils.data import DataLoader
 
 from eqvae_composer import ComposerAutoencoderKL, EquivarianceAlgorithm, VAEGANLoss
@@ -204,3 +205,62 @@ def test_ddp_without_forced_sync_is_named():
 
     with pytest.raises(RuntimeError, match='forced_sync'):
         optimizer.step(closure)
+
+
+class RecordDraws(Callback):
+    """Each closure evaluation's (batch, branch, transform) per microbatch, as the loss saw them."""
+
+    def __init__(self, equivariance):
+        self.equivariance = equivariance
+        self.evaluations = []
+
+    def before_train_batch(self, state, logger):
+        self.evaluations.append((int(state.timestamp.batch), []))
+
+    def before_loss(self, state, logger):
+        self.evaluations[-1][1].append((self.equivariance.branch, self.equivariance.transform))
+
+
+def _record_draws(model, optimizer, algorithms=()):
+    equivariance = EquivarianceAlgorithm(scales=SCALES)
+    recorder = RecordDraws(equivariance)
+    Trainer(
+        model=model,
+        train_dataloader=DataLoader([{'image': x} for x in _images()], batch_size=BATCH),
+        optimizers=optimizer,
+        algorithms=[equivariance, *algorithms],
+        callbacks=[recorder],
+        max_duration=f'{STEPS}ba',
+        device_train_microbatch_size=1,
+        seed=SEED,
+        device='cpu',
+        precision='fp32',
+        progress_bar=False,
+        log_to_console=False,
+    ).fit()
+    return equivariance, recorder.evaluations
+
+
+def test_sams_second_closure_evaluation_sees_the_same_draws():
+    model = ComposerAutoencoderKL(tiny_vae(seed=2), VAEGANLoss(lpips_weight=0, disc_weight=0))
+    with pytest.warns(UserWarning, match='SAM'):
+        sam = SAM(rho=0.05)
+    equivariance, evaluations = _record_draws(model, torch.optim.Adam(model.parameters(), lr=LR), [sam])
+    assert [step for step, _ in evaluations] == [0, 0, 1, 1, 2, 2]  # SAM's ascent, then its descent, per step
+    for ascent, descent in zip(evaluations[::2], evaluations[1::2]):
+        assert len(ascent[1]) == BATCH
+        assert descent == ascent  # both evaluate the same objective
+    draws = [draw for _, mbs in evaluations[::2] for draw in mbs]
+    assert len(set(draws)) > 1  # the draws vary across microbatches and steps, so equality above means something
+    assert ', min_target_size=None' in repr(equivariance)  # the model's size stays out of the constructor arguments
+
+
+def test_alternating_passes_draw_independently():
+    model = _model()
+    optimizer = AlternatingAdam(model.param_groups(lr=LR), model=model)
+    equivariance, evaluations = _record_draws(model, optimizer)
+    assert [step for step, _ in evaluations] == [0, 0, 1, 1, 2, 2]  # the autoencoder's pass, then the discriminator's
+    for index, (step, draws) in enumerate(evaluations):
+        expected = [equivariance.draw(SEED, step, microbatch, pass_index=index % 2) for microbatch in range(BATCH)]
+        assert draws == expected
+    assert any(a[1] != b[1] for a, b in zip(evaluations[::2], evaluations[1::2]))

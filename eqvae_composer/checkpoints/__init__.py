@@ -21,6 +21,13 @@ from eqvae_composer.checkpoints.loading import (
     resolve_config,
 )
 from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint, read_sharded_checkpoint
+from eqvae_composer.checkpoints.taming import (
+    diffusers_to_taming,
+    is_taming_vq_state_dict,
+    taming_key_map,
+    taming_to_diffusers,
+    taming_vq_config,
+)
 
 __all__ = [
     'SD_VAE_CONFIG',
@@ -30,12 +37,14 @@ __all__ = [
     'LatentStatistics',
     'composer_vae_state',
     'diffusers_to_ldm',
+    'diffusers_to_taming',
     'export_diffusers',
     'export_ldm',
     'full_vae',
     'image_loader',
     'is_composer_checkpoint',
     'is_sharded_checkpoint',
+    'is_taming_vq_state_dict',
     'latent_statistics',
     'ldm_key_map',
     'ldm_to_diffusers',
@@ -47,5 +56,8 @@ __all__ = [
     'read_sharded_checkpoint',
     'resolve_config',
     'set_latent_factors',
+    'taming_key_map',
+    'taming_to_diffusers',
+    'taming_vq_config',
     'trained_autoencoder',
 ]

@@ -1,4 +1,4 @@
-"""Write a trained autoencoder where diffusion trainers can load it: a diffusers folder, an LDM file."""
+"""Write a trained autoencoder where diffusion trainers can load it: a diffusers folder, an LDM (or taming) file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 
 from eqvae_composer.checkpoints.composer_state import is_composer_checkpoint
 from eqvae_composer.checkpoints.ldm import LDM_PREFIX, diffusers_to_ldm
@@ -21,6 +21,7 @@ from eqvae_composer.checkpoints.loading import (
     read_checkpoint_file,
 )
 from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint
+from eqvae_composer.checkpoints.taming import diffusers_to_taming
 
 __all__ = ['export_diffusers', 'export_ldm', 'load_for_export', 'set_latent_factors']
 
@@ -72,11 +73,12 @@ def export_diffusers(vae: torch.nn.Module, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def export_ldm(vae: AutoencoderKL, path: str | os.PathLike, prefix: bool = False) -> Path:
+def export_ldm(vae: AutoencoderKL | VQModel, path: str | os.PathLike, prefix: bool = False) -> Path:
     """Save ``vae`` with the kl-f8 checkpoint's LDM key names (``encoder.down.0.block.0...``).
 
-    ``.safetensors`` gets the flat tensors; any other suffix (``.ckpt``) a torch pickle
-    ``{'state_dict': tensors}``, which is what LDM's ``init_from_ckpt`` reads.
+    A ``VQModel`` gets taming-transformers' VQGAN key names (``checkpoints/taming.py``), which LDM's VQ
+    first stages share. ``.safetensors`` gets the flat tensors; any other suffix (``.ckpt``) a torch
+    pickle ``{'state_dict': tensors}``, which is what LDM's and taming's ``init_from_ckpt`` read.
 
     Args:
         vae: the autoencoder.
@@ -84,14 +86,15 @@ def export_ldm(vae: AutoencoderKL, path: str | os.PathLike, prefix: bool = False
         prefix: prepend ``first_stage_model.``, the layout of a full LDM / Stable Diffusion
             checkpoint. Default: ``False`` (the layout of the autoencoder's own ``model.ckpt``).
     """
-    if not isinstance(vae, AutoencoderKL):
+    if not isinstance(vae, (AutoencoderKL, VQModel)):
         raise ValueError(
-            f'LDM key names exist for AutoencoderKL only, not {type(vae).__name__}: export it as a '
+            f'LDM key names exist for AutoencoderKL and VQModel only, not {type(vae).__name__}: export it as a '
             'diffusers folder (export_diffusers, scripts/export.py --out).'
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = diffusers_to_ldm(vae.state_dict(), vae.config, prefix=LDM_PREFIX if prefix else '')
+    rename = diffusers_to_taming if isinstance(vae, VQModel) else diffusers_to_ldm
+    state = rename(vae.state_dict(), vae.config, prefix=LDM_PREFIX if prefix else '')
     state = {k: v.detach().cpu() for k, v in state.items()}
     if path.suffix == '.safetensors':
         from safetensors.torch import save_file

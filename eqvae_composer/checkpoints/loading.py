@@ -3,11 +3,14 @@
 Accepted sources (see ``load_autoencoder``): a config dict (a new, randomly initialised model), a
 local diffusers folder, a hub id (cache first), a single LDM/CompVis file (``.ckpt``,
 ``.safetensors``, ``.pt``, ``.pth``, ``.bin``; converted with diffusers' ``convert_ldm_vae_checkpoint``),
-a bare diffusers state dict, or a Composer checkpoint of this project: a file, or an FSDP sharded
-checkpoint folder. Every load is strict: keys that are missing or unexpected are an error that lists them.
+a taming-transformers VQGAN ``.ckpt`` (a diffusers ``VQModel``, its config read from the tensors;
+``checkpoints/taming.py``), a bare diffusers state dict, or a Composer checkpoint of this project: a
+file, or an FSDP sharded checkpoint folder. Every load is strict: keys that are missing or unexpected
+are an error that lists them.
 
 The class is the config's ``_class_name`` (diffusers folders, checkpoints recorded by this project)
-when it names a supported one (``VQModel``), else ``AutoencoderKL``; LDM key names are for ``AutoencoderKL``.
+when it names a supported one (``VQModel``), else ``AutoencoderKL``; LDM key names are for ``AutoencoderKL``,
+taming's VQGAN key names for ``VQModel``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from eqvae_composer.checkpoints.composer_state import composer_vae_state, is_composer_checkpoint, recorded_vae_config
 from eqvae_composer.checkpoints.ldm import KeyMismatchError, format_keys, is_diffusers_state_dict, ldm_to_diffusers
 from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint, read_sharded_checkpoint
+from eqvae_composer.checkpoints.taming import is_taming_vq_state_dict, taming_to_diffusers, taming_vq_config
 from eqvae_composer.introspection import autoencoder_class
 
 __all__ = [
@@ -244,8 +248,10 @@ def _load_single_file(
     obj = read_checkpoint_file(path) if obj is None else obj
     if is_composer_checkpoint(obj):
         return load_composer_checkpoint(obj, config, subfolder, ema)
-    resolved = _default_config(config, subfolder)
     state = _state_dict_of(obj, path)
+    if not is_diffusers_state_dict(state) and is_taming_vq_state_dict(state):
+        return _load_taming_vq(path, state, config, subfolder), 'stored'
+    resolved = _default_config(config, subfolder)
     if not is_diffusers_state_dict(state):
         if autoencoder_class(resolved) is not AutoencoderKL:
             raise AutoencoderLoadError(
@@ -259,6 +265,30 @@ def _load_single_file(
                 f'{path}: {error} Pass the matching diffusers config alongside the file.',
             ) from None
     return _build(state, resolved, str(path)), 'stored'
+
+
+def _load_taming_vq(
+    path: Path,
+    state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any] | str | os.PathLike | None,
+    subfolder: str | None,
+) -> torch.nn.Module:
+    """A diffusers ``VQModel`` from a taming VQGAN state dict; the config is read from its tensors unless given."""
+    try:
+        if config is None:
+            resolved = taming_vq_config(state)
+        else:  # a config without a class name is taken for the VQModel the checkpoint holds
+            resolved = {'_class_name': VQModel.__name__, **resolve_config(config, subfolder)}
+        if autoencoder_class(resolved) is not VQModel:
+            raise KeyMismatchError(
+                f'it holds a taming VQGAN, but the config given is for {autoencoder_class(resolved).__name__}.'
+            )
+        converted = taming_to_diffusers(state, resolved)
+    except KeyMismatchError as error:
+        raise AutoencoderLoadError(
+            f'{path}: {error} Leave the config out to read it from the checkpoint, or pass the matching VQModel config.'
+        ) from None
+    return _build(converted, resolved, str(path))
 
 
 def _hub_offline() -> bool:
@@ -309,7 +339,8 @@ def load_autoencoder(
         source: a diffusers config dict (builds a new model); a local diffusers folder; a hub id
             such as ``'stabilityai/sd-vae-ft-ema'``; a single file: LDM ``model.ckpt`` (Lightning
             checkpoint, keys with or without ``first_stage_model.``; its ``loss.*`` keys are
-            ignored), ``.safetensors``, a bare LDM or diffusers state dict; or a Composer checkpoint
+            ignored), ``.safetensors``, a bare LDM or diffusers state dict; a taming-transformers VQGAN
+            ``.ckpt`` (a ``VQModel``, whose config is read from the tensors unless given); or a Composer checkpoint
             of this project: a file, or an FSDP sharded checkpoint folder (or the ``latest-rank0.pt``
             link to one).
         subfolder: subfolder of a diffusers folder or hub repo (or of ``config`` when that is a

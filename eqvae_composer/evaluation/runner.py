@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from composer.utils import dist
-from diffusers import AutoencoderKL
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from eqvae_composer.algorithms.equivariance.transforms import SpatialTransform, apply_to_image, apply_to_latent
+from eqvae_composer.evaluation.codebook import CodebookPerplexity, DeadCodeFraction
 from eqvae_composer.evaluation.datasets import PROTOCOLS, IndexedDataset, dataset_size, rank_shard, reference_shard
 from eqvae_composer.evaluation.fid import ReconstructionFID
 from eqvae_composer.evaluation.intrinsic_dim import LatentIntrinsicDimension
@@ -36,13 +36,14 @@ from eqvae_composer.evaluation.metrics import (
     equivariance_errors,
 )
 from eqvae_composer.evaluation.reference import REFERENCE_BATCH_SIZE, ReferenceMetrics, ReferencePNGWriter
-from eqvae_composer.introspection import vae_downsample_factor
+from eqvae_composer.introspection import AutoencoderAdapter, adapter_for
 from eqvae_composer.models.lpips import lpips_distance
 
 __all__ = ['ALL_METRICS', 'DEFAULT_METRICS', 'EvalProtocol', 'evaluate', 'posterior_noise']
 
-#: What ``evaluate`` can measure; ``rfid`` and ``lpips`` need pretrained weights.
-ALL_METRICS = ('rfid', 'psnr', 'ssim', 'lpips', 'equivariance', 'intrinsic_dim')
+#: What ``evaluate`` can measure; ``rfid`` and ``lpips`` need pretrained weights, ``codebook`` a
+#: vector-quantized autoencoder (``VQModel``).
+ALL_METRICS = ('rfid', 'psnr', 'ssim', 'lpips', 'equivariance', 'intrinsic_dim', 'codebook')
 DEFAULT_METRICS = ('rfid', 'psnr', 'ssim', 'lpips', 'equivariance')
 
 
@@ -149,6 +150,7 @@ class _Metrics:
         protocol: EvalProtocol,
         inception: nn.Module | None,
         device: torch.device,
+        num_codes: int | None = None,
     ) -> None:
         self.rotations = [SpatialTransform(quarter_turns=k) for k in protocol.rotations]
         self.scales = [SpatialTransform(s, s) for s in protocol.scales]
@@ -171,6 +173,9 @@ class _Metrics:
                     table[f'scaled_rfid/{tau.scale_h:g}'] = ReconstructionFID(inception)
         if 'intrinsic_dim' in metrics:
             table['intrinsic_dim'] = LatentIntrinsicDimension()
+        if 'codebook' in metrics:
+            table['codebook_perplexity'] = CodebookPerplexity(num_codes)
+            table['dead_code_fraction'] = DeadCodeFraction(num_codes)
         self.table = {name: metric.to(device) for name, metric in table.items()}
 
     def compute(self) -> dict[str, float]:
@@ -186,7 +191,7 @@ class _Metrics:
 
 @torch.no_grad()
 def evaluate(
-    vae: AutoencoderKL,
+    vae: nn.Module,
     dataset: Dataset,
     metrics: Sequence[str] = DEFAULT_METRICS,
     protocol: EvalProtocol = EvalProtocol(),
@@ -202,7 +207,9 @@ def evaluate(
     """Evaluate ``vae`` on the first ``num_images`` samples of ``dataset``, sharded over the ranks.
 
     Args:
-        vae (AutoencoderKL): the autoencoder (put in eval mode here).
+        vae (nn.Module): the autoencoder, any kind with an adapter (``AutoencoderKL``, ``VQModel``; see
+            ``eqvae_composer.introspection``), put in eval mode here. A deterministic latent (VQ's z_e)
+            is reconstructed as it is, whatever ``protocol.sample_posterior`` says.
         dataset (Dataset): indexable, samples ``{'image': FloatTensor[3, R, R]}`` in [-1, 1]
             (see ``build_eval_dataset``).
         metrics (Sequence[str]): names from ``ALL_METRICS``. Default: ``DEFAULT_METRICS``.
@@ -224,7 +231,8 @@ def evaluate(
         together), and ``protocol`` (``EvalProtocol.describe()``).
 
     Raises:
-        ValueError: an unknown metric, ``rfid`` / ``lpips`` without its network; with the reference
+        ValueError: an unknown metric, ``rfid`` / ``lpips`` without its network, ``codebook`` for an
+            autoencoder without a codebook; with the reference
             protocol, a metric it does not measure or a ``batch_size`` that is not a multiple of
             ``protocol.reference_batch_size``; ``image_dir`` without it.
     """
@@ -235,7 +243,14 @@ def evaluate(
         raise ValueError("the 'rfid' metric needs an Inception network (see load_inception).")
     if 'lpips' in metrics and lpips_net is None:
         raise ValueError("the 'lpips' metric needs an LPIPS network (see load_lpips).")
+    adapter = adapter_for(vae)
+    if 'codebook' in metrics and adapter.codes is None:
+        raise ValueError(
+            f"the 'codebook' metric needs a vector-quantized autoencoder, not a {type(vae).__name__}; leave it out."
+        )
     reference = protocol.name == 'reference'
+    if reference and 'codebook' in metrics:
+        raise ValueError("the reference protocol does not measure 'codebook'; use the default protocol.")
     if reference and batch_size % protocol.reference_batch_size:
         raise ValueError(
             f'batch_size {batch_size} must be a multiple of the reference batch size '
@@ -245,7 +260,7 @@ def evaluate(
         raise ValueError("image_dir writes the reference protocol's PNG folders; use it with the reference protocol.")
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     vae.to(device).eval()
-    factor = vae_downsample_factor(vae)
+    factor = adapter.downsample_factor(vae)
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
     total = dataset_size(dataset) if num_images is None else min(num_images, dataset_size(dataset))
     indices = (reference_shard if reference else rank_shard)(total, rank, world_size)
@@ -256,22 +271,24 @@ def evaluate(
             metrics, inception, lpips_net, protocol.reference_batch_size, writer, device
         )
     else:
-        state = _Metrics(metrics, protocol, inception, device)
+        num_codes = vae.config.num_vq_embeddings if 'codebook' in metrics else None
+        state = _Metrics(metrics, protocol, inception, device, num_codes)
 
     start = time.perf_counter()
     bar = tqdm(total=total, desc='eval', unit='img', disable=not progress or dist.get_global_rank() != 0)
+    deterministic = False
     for batch in loader:
         images = batch['image'].to(device)
-        posterior = vae.encode(images).latent_dist
-        mode = posterior.mode()
+        mode, std = _posterior(adapter, vae, images)
+        deterministic = std is None
         z = mode
-        if protocol.sample_posterior:
+        if protocol.sample_posterior and std is not None:
             noise = posterior_noise(batch['index'].tolist(), mode.shape[1:], protocol.seed).to(device, mode.dtype)
-            z = posterior.mean + posterior.std * noise
+            z = mode + std * noise
         if isinstance(state, ReferenceMetrics):
             state.update(vae.decode(z).sample, images)
         else:
-            _update(state, vae, images, z, mode, factor, protocol, lpips_net)
+            _update(state, vae, adapter, images, z, mode, factor, protocol, lpips_net)
         bar.update(len(images) * world_size)  # rank 0's pace stands for all ranks
     bar.close()
     results = state.compute()
@@ -284,13 +301,31 @@ def evaluate(
         'world_size': world_size,
         'seconds': seconds,
         'images_per_second': total / seconds if seconds > 0 else float('nan'),
-        'protocol': protocol.describe(),
+        'protocol': _describe(protocol, deterministic),
     }
+
+
+def _describe(protocol: EvalProtocol, deterministic: bool) -> dict[str, Any]:
+    """``protocol.describe()``, saying so when the latent had no posterior to sample from (VQ's z_e)."""
+    description = protocol.describe()
+    if deterministic:
+        description['reconstruction_latent'] = 'deterministic latent (no posterior to sample)'
+    return description
+
+
+def _posterior(
+    adapter: AutoencoderAdapter, vae: nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(mode, std)`` of the latent (``std`` ``None`` when it is deterministic)."""
+    if adapter.posterior is None:
+        return adapter.encode(vae, images), None
+    return adapter.posterior(vae, images)
 
 
 def _update(
     state: _Metrics,
-    vae: AutoencoderKL,
+    vae: nn.Module,
+    adapter: AutoencoderAdapter,
     images: torch.Tensor,
     z: torch.Tensor,
     mode: torch.Tensor,
@@ -305,7 +340,7 @@ def _update(
         return vae.decode(latents).sample
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return vae.encode(x).latent_dist.mode()
+        return adapter.encode(vae, x)
 
     if {'rfid', 'psnr', 'ssim', 'lpips'} & set(table):
         reconstruction = decode(z)
@@ -316,6 +351,10 @@ def _update(
             table['lpips'].update(lpips_distance(lpips_net, images, reconstruction))
     if 'intrinsic_dim' in table:
         table['intrinsic_dim'].update(mode)
+    if 'codebook_perplexity' in table:
+        codes = adapter.codes(vae, z)
+        table['codebook_perplexity'].update(codes)
+        table['dead_code_fraction'].update(codes)
     taus = state.rotations + state.scales
     if state.equivariance:
         errors = equivariance_errors(encode, images, taus, factor, mode, protocol.interpolation)

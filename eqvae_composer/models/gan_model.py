@@ -90,6 +90,15 @@ class GANAutoencoderModel(ComposerModel):
         discriminator = self.loss_fn.discriminator
         return 1 if discriminator is None else discriminator.min_input_size
 
+    @property
+    def draw_pass(self) -> int:
+        """Which pass over the batch runs, read by ``EquivarianceAlgorithm``: 1 in the discriminator's, else 0.
+
+        The alternating discriminator pass draws its own branch and transform, as the reference's second
+        ``training_step``; an optimizer that evaluates the same pass again (SAM) gets the same draws.
+        """
+        return 1 if self._gan_phase == 'discriminator' else 0
+
     def param_groups(
         self,
         lr: float,

@@ -7,8 +7,8 @@ Lightning 1.4 runs the reference's ``training_step`` once per optimizer for ever
 autoencoder just updated. Composer takes one optimizer and runs a batch's microbatches (forward,
 loss, backward, all events) inside the closure it passes to ``optimizer.step``. ``AlternatingGANUpdates``
 calls that closure once per pass: everything still runs through the model's own forward (FSDP-safe),
-and ``EquivarianceAlgorithm`` draws afresh for the second pass, whose microbatches it numbers on from
-the first's.
+and ``EquivarianceAlgorithm`` draws afresh for the second pass (the model's ``draw_pass`` is 1 under
+``gan_phase('discriminator')``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ place of ``x``. Every microbatch starts from a clean state, also after a forward
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def microbatch_seed(rank_seed: int, batch: int, microbatch: int, pass_index: int
         batch: the training batch.
         microbatch: the microbatch within the pass.
         pass_index: which pass over the batch's microbatches: 0, or 1 for the discriminator's own
-            pass when the GAN updates alternate as in the reference.
+            pass when the GAN updates alternate as in the reference (the model's ``draw_pass``).
     """
     # A stateless function of (rank seed, step, pass, microbatch): identical across runs with the same
     # seed and exact after an autoresume, without having to checkpoint a generator per rank.
@@ -181,7 +182,9 @@ class EquivarianceAlgorithm(Algorithm):
         self.downsample_factor = downsample_factor
         self.min_target_size = None if min_target_size is None else int(min_target_size)
 
-        self._pass = 0  # passes over the batch's microbatches completed (AFTER_TRAIN_BATCH) this batch
+        self._min_size: int | None = None  # min_target_size, else the model's, resolved at INIT
+        self._model: Any = None
+        self._pass = 0  # the model's draw_pass when the current evaluation of the training closure began
         self._microbatch = 0  # microbatches begun in the current pass
         self._current = _Microbatch()
         self._checked_sizes: set[tuple[int, int]] = set()
@@ -189,12 +192,10 @@ class EquivarianceAlgorithm(Algorithm):
         self._metric_model: Any = None
 
     def __repr__(self) -> str:
-        return (
-            f'{type(self).__name__}(p_equivariance={self.p_equivariance}, p_lowres={self.p_lowres}, '
-            f'scales={self.scales!r}, anisotropic={self.anisotropic}, lowres_isotropic={self.lowres_isotropic}, '
-            f'shared_draws={self.shared_draws}, rotations={self.rotations}, interpolation={self.interpolation!r}, '
-            f'antialias={self.antialias}, image_key={self.image_key!r})'
-        )
+        # Every constructor argument from the attribute of its name, so eval(repr(algorithm)) rebuilds it.
+        names = [name for name in inspect.signature(type(self).__init__).parameters if name != 'self']
+        arguments = ', '.join(f'{name}={getattr(self, name)!r}' for name in names)
+        return f'{type(self).__name__}({arguments})'
 
     @property
     def branch(self) -> Branch:
@@ -227,10 +228,13 @@ class EquivarianceAlgorithm(Algorithm):
             resolution = getattr(getattr(state.train_dataloader, 'dataset', None), 'resolution', None)
             if isinstance(resolution, int):
                 self._check_target_size((resolution, resolution))
-        elif event == Event.BATCH_START:
-            self._pass = 0
         elif event == Event.BEFORE_TRAIN_BATCH:
+            # Each evaluation of the optimizer's closure starts here. An optimizer that evaluates it again
+            # in the same step (SAM's ascent, then its descent; LBFGS) must see the same objective, so the
+            # draws restart; only a new pass of the model's own (the alternating discriminator pass)
+            # draws anew.
             self._microbatch = 0
+            self._pass = int(getattr(self._model, 'draw_pass', 0))
         elif event == Event.BEFORE_FORWARD:
             self._begin_microbatch(state, logger)
         elif event == Event.AFTER_FORWARD:
@@ -245,7 +249,6 @@ class EquivarianceAlgorithm(Algorithm):
                 state.batch_set_item(self.image_key, self._current.original_image)
                 self._current.original_image = None
         elif event == Event.AFTER_TRAIN_BATCH:
-            self._pass += 1
             self._end_microbatch()
         elif event == Event.EVAL_START:
             self._end_microbatch()
@@ -260,9 +263,10 @@ class EquivarianceAlgorithm(Algorithm):
         self._factor = int(self.downsample_factor or adapter.downsample_factor(vae))
         self._seed = int(state.rank_zero_seed if self.shared_draws else state.seed)
         model = unwrap_model(state.model)
-        if self.min_target_size is None:
-            declared = getattr(model, 'min_target_size', None)
-            self.min_target_size = int(declared) if declared is not None else None
+        self._model = model
+        declared = self.min_target_size if self.min_target_size is not None else getattr(model, 'min_target_size', None)
+        self._min_size = int(declared) if declared is not None else None
+        self._checked_sizes.clear()
         for handle in self._hook_handles:  # the same instance reused by a second Trainer
             handle.remove()
         self._hook_handles = [
@@ -350,9 +354,9 @@ class EquivarianceAlgorithm(Algorithm):
 
     def _check_target_size(self, size: tuple[int, int]) -> None:
         """Fail before any work when the smallest draws would give the model images it cannot take."""
-        if self.min_target_size is None or size in self._checked_sizes or self.p_equivariance + self.p_lowres == 0:
+        if self._min_size is None or size in self._checked_sizes or self.p_equivariance + self.p_lowres == 0:
             return
-        check_target_size(size, self._factor, self.scales, self.min_target_size)
+        check_target_size(size, self._factor, self.scales, self._min_size)
         self._checked_sizes.add(size)
 
     def _swap_image(self, state: State, fn) -> None:
