@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from eqvae_composer.introspection import unwrap_model
+from eqvae_composer.padding import apply_recorded_padding_mode, tolerate_padding_key
 
 __all__ = [
     'VAE_PREFIX',
@@ -140,7 +141,8 @@ def recorded_vae_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _standalone(live: torch.nn.Module, vae_state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """A new autoencoder of ``live``'s class and config holding ``vae_state``."""
-    vae = type(live).from_config(dict(live.config))
+    with tolerate_padding_key():
+        vae = apply_recorded_padding_mode(type(live).from_config(dict(live.config)))
     # EMA's copies of FSDP2-sharded parameters are DTensors: gathered (a collective, in the same order on every rank).
     full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in vae_state.items()}
     vae.load_state_dict({k: v.detach().to('cpu', copy=True) for k, v in full.items()}, strict=True)
