@@ -7,9 +7,9 @@ from omegaconf import OmegaConf
 
 from eqvae_composer.models import ComposerAutoencoderKL
 from eqvae_composer.models.trainable import freeze_except, trains_encoder
-from eqvae_composer.train import ConfigError, train
+from eqvae_composer.train import ConfigError, load_config, train
 from tests.conftest import tiny_kl_config, tiny_vae
-from tests.test_train import mds, run_config  # noqa: F401 (mds is a fixture)
+from tests.test_train import REPO, mds, run_config  # noqa: F401 (mds is a fixture)
 
 ENCODER_SIDE = ('encoder.', 'quant_conv.')  # what shapes an AutoencoderKL's latent
 
@@ -74,3 +74,14 @@ def test_decoder_stage_with_ema_exports_the_input_encoder_bit_for_bit(tmp_path, 
     after = AutoencoderKL.from_pretrained(tmp_path / 'run' / 'vae').state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(ENCODER_SIDE))
     assert not torch.equal(before['decoder.conv_out.weight'], after['decoder.conv_out.weight'])
+
+
+def test_decoder_stage_yaml_is_stage_one_on_its_export_with_the_decoder_alone():
+    stage1 = load_config(REPO / 'yamls' / 'eqvae-sdxl.yaml')
+    stage2 = load_config(REPO / 'yamls' / 'eqvae-sdxl-decoder-stage.yaml')
+    assert stage2.model.vae.pretrained == stage1.export_folder and stage2.model.trainable == 'decoder'
+    assert stage2.algorithms == {} and stage2.max_duration == '1ep'
+    # Nothing else differs: the same loss, optimizer, batch and data as stage 1.
+    stage2.model.vae, stage2.model.trainable, stage2.algorithms = stage1.model.vae, 'all', stage1.algorithms
+    assert stage2.model == stage1.model and stage2.optimizer == stage1.optimizer
+    assert stage2.train_loader == stage1.train_loader and stage2.global_train_batch_size == 160
