@@ -1,6 +1,8 @@
 """Reflection padding (issue 26.2): which convolutions it changes, where it is recorded, who restores it."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from eqvae_composer.padding import apply_recorded_padding_mode, set_padding_mode
 from eqvae_composer.train import ConfigError, train
 from tests.conftest import tiny_vae
 from tests.test_train import mds, run_config  # noqa: F401 (mds is a fixture)
+
+README = Path(__file__).resolve().parents[1] / 'README.md'
 
 
 def modes(vae: nn.Module) -> dict[str, str]:
@@ -86,3 +90,18 @@ def test_training_with_reflect_exports_and_checkpoints_the_mode(tmp_path, mds): 
     assert set(modes(trainer.state.model.vae.decoder).values()) == {'reflect'}
     for source in (tmp_path / 'run' / 'vae', tmp_path / 'ckpt' / 'latest-rank0.pt'):
         assert modes(load_autoencoder(source)) == modes(trainer.state.model.vae)
+
+
+def test_readme_blocks_restore_the_mode_with_and_without_this_package(tmp_path, monkeypatch):
+    section = README.read_text().split('## Recipes beyond the paper')[1].split('\n## ')[0]
+    with_package, without = re.findall(r'```python\n(.*?)```', section, flags=re.S)
+    trained = tiny_vae()
+    set_padding_mode(trained, 'reflect')
+    trained.save_pretrained(tmp_path / 'runs' / 'pad' / 'vae')
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(with_package, str(README), 'exec'), namespace)
+    assert modes(namespace['vae']) == modes(trained)
+    namespace['vae'] = AutoencoderKL.from_pretrained('runs/pad/vae')  # zero padding, as elsewhere
+    exec(compile(without, str(README), 'exec'), namespace)
+    assert modes(namespace['vae']) == modes(trained)
