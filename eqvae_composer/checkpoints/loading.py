@@ -8,6 +8,7 @@ checkpoint folder. Every load is strict: keys that are missing or unexpected are
 
 The class is the config's ``_class_name`` (diffusers folders, checkpoints recorded by this project)
 when it names a supported one (``VQModel``), else ``AutoencoderKL``; LDM key names are for ``AutoencoderKL``.
+A config that records a padding mode (``padding_mode``, see ``eqvae_composer.padding``) gets it back.
 """
 
 from __future__ import annotations
