@@ -31,6 +31,7 @@ __all__ = [
     'apply_recorded_padding_mode',
     'padded_convolutions',
     'recorded_padding_mode',
+    'resume_padding_mode',
     'set_padding_mode',
     'tolerate_padding_key',
 ]
@@ -106,6 +107,29 @@ def apply_recorded_padding_mode(vae: nn.Module) -> nn.Module:
 
 
 _ONLY_PADDING_KEY = re.compile(rf"The config attributes \{{'{PADDING_CONFIG_KEY}': '\w+'\}} were passed")
+
+
+def resume_padding_mode(vae: nn.Module, recorded: Mapping[str, Any]) -> None:
+    """Give a resumed run's ``vae`` the padding mode its checkpoint recorded (``recorded``: that config).
+
+    A run that sets no mode (its config has no ``padding_mode`` key) takes the checkpoint's; one that
+    sets another mode than the checkpoint's is stopped: the weights were trained with the recorded one.
+
+    Raises:
+        ValueError: the run and the checkpoint name different modes.
+    """
+    resumed = recorded_padding_mode(recorded)
+    config = getattr(vae, 'config', {})
+    if PADDING_CONFIG_KEY not in config:
+        if resumed != 'zeros':
+            set_padding_mode(vae, resumed)
+        return
+    if config[PADDING_CONFIG_KEY] != resumed:
+        raise ValueError(
+            f'the checkpoint was trained with model.vae.padding_mode {resumed!r} and this run sets '
+            f'{config[PADDING_CONFIG_KEY]!r}: set model.vae.padding_mode: {resumed} (or leave it unset) to resume, or '
+            'export the checkpoint (scripts/export.py) and start a new run from that folder with the new mode.'
+        )
 
 
 class _DropPaddingKeyWarning(logging.Filter):

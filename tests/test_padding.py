@@ -91,6 +91,14 @@ def test_training_with_reflect_exports_and_checkpoints_the_mode(tmp_path, mds): 
     for source in (tmp_path / 'run' / 'vae', tmp_path / 'ckpt' / 'latest-rank0.pt'):
         assert modes(load_autoencoder(source)) == modes(trainer.state.model.vae)
 
+    # A resumed run that does not set the mode takes the checkpoint's; one that sets another is stopped.
+    resumed = run_config(tmp_path, *mds, load_path=str(tmp_path / 'ckpt' / 'latest-rank0.pt'), max_duration='3ba')
+    resumed.eval_loader, resumed.export_folder = None, None
+    assert modes(train(resumed).state.model.vae) == modes(trainer.state.model.vae)
+    resumed.model.vae.padding_mode = 'zeros'
+    with pytest.raises(ValueError, match="trained with model.vae.padding_mode 'reflect' and this run sets 'zeros'"):
+        train(resumed)
+
 
 def test_readme_blocks_restore_the_mode_with_and_without_this_package(tmp_path, monkeypatch):
     section = README.read_text().split('## Recipes beyond the paper')[1].split('\n## ')[0]

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from eqvae_composer.introspection import unwrap_model
-from eqvae_composer.padding import apply_recorded_padding_mode, tolerate_padding_key
+from eqvae_composer.padding import apply_recorded_padding_mode, resume_padding_mode, tolerate_padding_key
 
 __all__ = [
     'VAE_PREFIX',
@@ -54,14 +54,18 @@ class AutoencoderConfigRecorder(Callback):
 
     Add it to the Trainer's callbacks; ``load_autoencoder`` and ``scripts/export.py`` then need no
     config beside the checkpoint. The config is read from the model at ``state_dict()`` time, so it
-    is always the one actually trained.
+    is always the one actually trained. A resumed run gets the padding mode the checkpoint recorded
+    (``resume_padding_mode``), before its first step.
     """
 
     def __init__(self) -> None:
         self._config: dict[str, Any] | None = None
+        self._resumed: dict[str, Any] | None = None
 
     def fit_start(self, state: State, logger: Any) -> None:
         vae = getattr(unwrap_model(state.model), 'vae', None)
+        if vae is not None and self._resumed is not None:
+            resume_padding_mode(vae, self._resumed)
         self._config = None if vae is None else {**vae.config, '_class_name': type(vae).__name__}
 
     def state_dict(self) -> dict[str, Any]:
@@ -69,6 +73,7 @@ class AutoencoderConfigRecorder(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._config = state.get('vae_config', self._config)
+        self._resumed = state.get('vae_config')
 
 
 def _clean_name(name: str) -> str:
