@@ -51,6 +51,8 @@ from eqvae_composer.models import (
     load_lpips,
 )
 from eqvae_composer.models.lpips import resolve_lpips_weights
+from eqvae_composer.models.trainable import ALL, freeze_except, trainable_prefixes, trains_encoder
+from eqvae_composer.padding import PADDING_MODES, set_padding_mode
 from eqvae_composer.registry import CALLBACKS, LOGGERS, SCHEDULERS
 
 __all__ = [
@@ -104,6 +106,9 @@ class VAEConfig:
     subfolder: str | None = None
     revision: str | None = None
     config: dict[str, Any] | None = None
+    # Beyond the paper: 'reflect' pads every padded Conv2d by reflection (the MS-LC-EQ-D-VR VAEs need it);
+    # recorded in the exported config.json. None: what the source records (zeros for every stock VAE).
+    padding_mode: str | None = None
 
 
 @dataclass
@@ -134,6 +139,10 @@ class ModelConfig:
     eval_sample_posterior: bool = True
     eval_metrics: list[str] | None = None  # None: the model's defaults
     gradient_checkpointing: bool = False
+    # Beyond the paper: which parameters train, the rest frozen (eqvae_composer.models.trainable): 'all',
+    # 'decoder' (post_quant_conv + decoder: the latent space stays as it is), 'encoder', or a list of
+    # parameter-name prefixes of the VAE. Any: a name or a list (OmegaConf has no str | list type).
+    trainable: Any = ALL
 
 
 # Settings that exist for one kind of autoencoder only: set away from their default for the other kind,
@@ -302,6 +311,14 @@ def build_model(cfg: ModelConfig) -> GANAutoencoderModel:
             f'model.vae holds a {type(vae).__name__} (kind {adapter_for(vae).kind}) but model.kind is '
             f'{kind.value}: set model.kind: {adapter_for(vae).kind}.'
         )
+    if cfg.vae.padding_mode is not None:
+        set_padding_mode(vae, cfg.vae.padding_mode)
+    try:  # before the Trainer wraps the model: frozen parameters get no gradient, optimizer state or all-reduce
+        frozen = freeze_except(vae, cfg.trainable)
+    except ValueError as error:
+        raise ConfigError(f'model.{error}') from None
+    if frozen:
+        log.info('model.trainable %s: %d of the VAE parameters are frozen', cfg.trainable, len(frozen))
     other_kinds_keys = {key for other, keys in _KIND_ONLY.items() if other != kind for key in keys}
     loss_kwargs = {
         k: v for k, v in vars(cfg.loss).items() if k != 'lpips_vgg_weights' and f'loss.{k}' not in other_kinds_keys
@@ -331,6 +348,35 @@ def _check_weight_files(cfg: ModelConfig) -> None:
     """
     if _needs_lpips(cfg):
         resolve_lpips_weights(cfg.loss.lpips_vgg_weights)
+
+
+def _check_model_options(cfg: ModelConfig) -> None:
+    """``model.trainable`` and ``model.vae.padding_mode`` name known things: before the VAE is loaded."""
+    try:
+        trainable_prefixes(cfg.trainable)
+    except ValueError as error:
+        raise ConfigError(f'model.{error}') from None
+    if cfg.vae.padding_mode is not None and cfg.vae.padding_mode not in PADDING_MODES:
+        raise ConfigError(
+            f'model.vae.padding_mode: unknown mode {cfg.vae.padding_mode!r}; choose one of {", ".join(PADDING_MODES)}.'
+        )
+
+
+def _check_trainable_for(algorithms: list[Algorithm], trainable: Any) -> None:
+    """The equivariance regularizer shapes the latent through the encoder: it cannot run with the encoder frozen."""
+    for algorithm in algorithms:
+        if (
+            isinstance(algorithm, EquivarianceAlgorithm)
+            and algorithm.p_equivariance > 0
+            and not trains_encoder(trainable)
+        ):
+            raise ConfigError(
+                f'algorithms.equivariance needs a trainable encoder, and model.trainable {trainable!r} freezes it: '
+                'train the encoder (model.trainable: all) or drop algorithms.equivariance for a decoder-only stage.'
+            )
+    if not trains_encoder(trainable):
+        # The KL term reaches the autoencoder through the encoder's posterior only.
+        log.info('model.trainable %s freezes the encoder: the KL term has no gradient (it is logged only).', trainable)
 
 
 def build_optimizer(model: GANAutoencoderModel, cfg: OptimizerConfig) -> torch.optim.Adam:
@@ -477,7 +523,9 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     _check_paths(cfg)
     _check_weight_files(cfg.model)
     _check_kind_settings(cfg.model)
+    _check_model_options(cfg.model)
     algorithms = _instantiate(ALGORITHMS, 'algorithms', cfg.algorithms)
+    _check_trainable_for(algorithms, cfg.model.trainable)
     callbacks = _instantiate(CALLBACKS, 'callbacks', cfg.callbacks)
     if cfg.nan_guard is not None:
         try:

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from eqvae_composer.introspection import unwrap_model
+from eqvae_composer.padding import apply_recorded_padding_mode, resume_padding_mode, tolerate_padding_key
 
 __all__ = [
     'VAE_PREFIX',
@@ -53,14 +54,18 @@ class AutoencoderConfigRecorder(Callback):
 
     Add it to the Trainer's callbacks; ``load_autoencoder`` and ``scripts/export.py`` then need no
     config beside the checkpoint. The config is read from the model at ``state_dict()`` time, so it
-    is always the one actually trained.
+    is always the one actually trained. A resumed run gets the padding mode the checkpoint recorded
+    (``resume_padding_mode``), before its first step.
     """
 
     def __init__(self) -> None:
         self._config: dict[str, Any] | None = None
+        self._resumed: dict[str, Any] | None = None
 
     def fit_start(self, state: State, logger: Any) -> None:
         vae = getattr(unwrap_model(state.model), 'vae', None)
+        if vae is not None and self._resumed is not None:
+            resume_padding_mode(vae, self._resumed)
         self._config = None if vae is None else {**vae.config, '_class_name': type(vae).__name__}
 
     def state_dict(self) -> dict[str, Any]:
@@ -68,6 +73,7 @@ class AutoencoderConfigRecorder(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._config = state.get('vae_config', self._config)
+        self._resumed = state.get('vae_config')
 
 
 def _clean_name(name: str) -> str:
@@ -140,7 +146,8 @@ def recorded_vae_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _standalone(live: torch.nn.Module, vae_state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     """A new autoencoder of ``live``'s class and config holding ``vae_state``."""
-    vae = type(live).from_config(dict(live.config))
+    with tolerate_padding_key():
+        vae = apply_recorded_padding_mode(type(live).from_config(dict(live.config)))
     # EMA's copies of FSDP2-sharded parameters are DTensors: gathered (a collective, in the same order on every rank).
     full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in vae_state.items()}
     vae.load_state_dict({k: v.detach().to('cpu', copy=True) for k, v in full.items()}, strict=True)

@@ -11,6 +11,7 @@ are an error that lists them.
 The class is the config's ``_class_name`` (diffusers folders, checkpoints recorded by this project)
 when it names a supported one (``VQModel``), else ``AutoencoderKL``; LDM key names are for ``AutoencoderKL``,
 taming's VQGAN key names for ``VQModel``.
+A config that records a padding mode (``padding_mode``, see ``eqvae_composer.padding``) gets it back.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from eqvae_composer.checkpoints.ldm import KeyMismatchError, format_keys, is_dif
 from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint, read_sharded_checkpoint
 from eqvae_composer.checkpoints.taming import is_taming_vq_state_dict, taming_to_diffusers, taming_vq_config
 from eqvae_composer.introspection import autoencoder_class
+from eqvae_composer.padding import apply_recorded_padding_mode, tolerate_padding_key
 
 __all__ = [
     'SD_VAE_CONFIG',
@@ -159,8 +161,14 @@ def resolve_config(
     return dict(AutoencoderKL.load_config(str(config), **kwargs))
 
 
+def _from_config(config: Mapping[str, Any]) -> torch.nn.Module:
+    """A new autoencoder of the class and architecture ``config`` describes, with the padding mode it records."""
+    with tolerate_padding_key():
+        return apply_recorded_padding_mode(autoencoder_class(config).from_config(dict(config)))
+
+
 def _build(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], what: str) -> torch.nn.Module:
-    vae = autoencoder_class(config).from_config(dict(config))
+    vae = _from_config(config)
     expected = vae.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong_shape = sorted(
@@ -296,8 +304,10 @@ def _hub_offline() -> bool:
 
 
 def _from_pretrained(source: str, **kwargs: Any) -> torch.nn.Module:
-    """``from_pretrained`` of the class the folder's ``config.json`` names."""
-    return autoencoder_class(AutoencoderKL.load_config(source, **kwargs)).from_pretrained(source, **kwargs)
+    """``from_pretrained`` of the class the folder's ``config.json`` names, with the padding mode it records."""
+    with tolerate_padding_key():
+        vae = autoencoder_class(AutoencoderKL.load_config(source, **kwargs)).from_pretrained(source, **kwargs)
+    return apply_recorded_padding_mode(vae)
 
 
 def _load_pretrained(source: str, subfolder: str | None, revision: str | None) -> torch.nn.Module:
@@ -358,7 +368,7 @@ def load_autoencoder(
         FileNotFoundError: a path that looks local but does not exist.
     """
     if isinstance(source, Mapping):
-        return autoencoder_class(source).from_config(dict(source))
+        return _from_config(source)
     path = Path(source).expanduser()
     if is_sharded_checkpoint(path):
         return load_composer_checkpoint(path, config, subfolder, ema)[0]

@@ -266,6 +266,10 @@ class ReconstructionGANLoss(nn.Module):
     def _adaptive_weight(self, grad_nll, grad_g, last_layer: nn.Conv2d, last_layer_input) -> torch.Tensor:
         """``disc_weight * clamp(||dnll/dW|| / (||dg/dW|| + 1e-4), 0, max)`` for W the last layer's weight."""
         h = last_layer_input.detach().float()
+        padding = last_layer.padding
+        if last_layer.padding_mode != 'zeros':  # as Conv2d does: pad the input itself, then convolve unpadded
+            (pad_h, pad_w), padding = padding, 0
+            h = F.pad(h, (pad_w, pad_w, pad_h, pad_h), mode=last_layer.padding_mode)
         # The weight's shape from the layer's hyperparameters, not from `last_layer.weight`: outside the
         # wrapped forward, FSDP1 with a sharding strategy leaves that a flat shard or freed storage.
         weight_shape = (last_layer.out_channels, last_layer.in_channels // last_layer.groups, *last_layer.kernel_size)
@@ -276,7 +280,7 @@ class ReconstructionGANLoss(nn.Module):
                 weight_shape,
                 grad_output,
                 last_layer.stride,
-                last_layer.padding,
+                padding,
                 last_layer.dilation,
                 last_layer.groups,
             )
