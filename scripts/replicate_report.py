@@ -246,7 +246,8 @@ def write_markdown(path: str, results: dict[str, Any]) -> None:
             notes = text.split(NOTES_MARKER, 1)[1]
     plan = results['plan']
     res = plan['eval_resolutions']
-    train_res, latent = res[0], plan['resolution'] // 8
+    factor = 2 ** (len(plan['block_out_channels']) - 1)  # diffusers' encoder: one halving per block but the last
+    train_res, latent = res[0], plan['resolution'] // factor
     by_res = results['final_at_by_seed']
     base_at = {r: results['final_at'][r]['base'] for r in by_res}
     base_points = ', '.join(
@@ -256,7 +257,7 @@ def write_markdown(path: str, results: dict[str, Any]) -> None:
     minutes = {stage: seconds / 60 for stage, seconds in results['train_seconds'].items()}
     ft = [f'{stage} {m:.1f}' for stage, m in minutes.items() if stage != 'base']
     other_res = '\n\n'.join(
-        f'At {r} px (latents {r // 8}x{r // 8}; trained at {train_res} px):\n\n'
+        f'At {r} px (latents {r // factor}x{r // factor}; trained at {train_res} px):\n\n'
         f'{transform_table(by_res[r], base_at[r])}\n\n{comparison_table(results["comparisons"][r])}'
         for r in list(by_res)[1:]
     )
@@ -272,7 +273,7 @@ within {TARGET_PSNR_DB} dB of control.
 - Data: crops of the demo photographs (scikit-image's), sides {plan['crop_sides'][0]}-{plan['crop_sides'][1]} px,
   so the {train_res} px training and evaluation images are downsampled and sharp: {7 * plan['train_per_photo']}
   crops of 7 photos for training, {2 * plan['eval_per_photo']} crops of 2 other photos held out.
-- Model: AutoencoderKL f8, 4 latent channels, block_out_channels {plan['block_out_channels']}, 1 layer per
+- Model: AutoencoderKL f{factor}, 4 latent channels, block_out_channels {plan['block_out_channels']}, 1 layer per
   block (SD-VAE's layout at reduced width), trained from scratch at {plan['resolution']} px: latents
   {latent}x{latent}.
 - Objective: L1 + 1e-6 KL + adaptive-weight PatchGAN (hinge, {2 if plan['resolution'] < 128 else 3} layers,
