@@ -282,7 +282,9 @@ def init_streaming_dataset(init: Callable[..., None], **kwargs: Any) -> None:
     own = _shm_block_name(dataset._shm_prefix_int, '')
     _release_blocks([shm for shm in opened if not shm.shm.name.lstrip('/').startswith(own)], os.getpid())
     kept = [shm for shm in opened if shm.shm.name.lstrip('/').startswith(own)]
-    _RELEASERS[dataset] = weakref.finalize(dataset, _release_blocks, kept, os.getpid())
+    releaser = weakref.finalize(dataset, _release_blocks, kept, os.getpid())
+    releaser.atexit = False  # at exit streaming's own handlers clean up; twice could unlink another's new block
+    _RELEASERS[dataset] = releaser
 
 
 def _shm_block_name(prefix: int, name: str) -> str:
