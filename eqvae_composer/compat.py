@@ -41,6 +41,7 @@ __all__ = [
     'SUPPORTED_VERSIONS',
     'DiagonalGaussianDistribution',
     'EpochWorkHook',
+    'ResumeMemoryHook',
     'SaveCheckpointHook',
     'TorchDispatchMode',
     'UnsupportedVersionError',
@@ -345,6 +346,30 @@ def _release_blocks(opened: list[Any], owner_pid: int) -> None:
         atexit.unregister(shm.cleanup)
         shm.created_shms, shm.opened_shms = [], []
     opened.clear()
+
+
+class ResumeMemoryHook:
+    """Mixin for a ``StreamingDataset`` subclass built by ``init_streaming_dataset``: its resume state is released too.
+
+    ``load_state_dict`` creates the prefix's ``resume`` block for ``__iter__`` to read, and each
+    ``__iter__`` attaches to it in the private ``_resume``; streaming keeps both until exit, so a
+    process that resumes datasets in a loop gained a block per dataset and a descriptor pair per epoch.
+    The created block now goes with the dataset's others, the attachment as soon as it is read. List it
+    before ``StreamingDataset`` in the bases.
+    """
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        with _recording_shared_memory() as opened:
+            super().load_state_dict(obj)  # type: ignore[misc]
+        releaser = _RELEASERS.get(self)
+        if releaser is not None and releaser.alive:
+            releaser.peek()[2][0].extend(opened)  # the finalizer's ``kept`` list
+
+    def _resume(self, world: Any, epoch: int) -> tuple[int, int]:
+        with _recording_shared_memory() as opened:
+            resumed = super()._resume(world, epoch)  # type: ignore[misc]
+        _release_blocks(opened, os.getpid())
+        return resumed
 
 
 def release_shared_memory(dataset: Any) -> None:

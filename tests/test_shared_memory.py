@@ -78,6 +78,22 @@ def test_training_loaders_latent_datasets_and_encodings_in_a_loop_keep_the_shm_d
     assert counts == [counts[0]] * 8, counts
 
 
+def test_resuming_mid_epoch_in_a_loop_keeps_the_shm_descriptors_flat(images_mds):
+    kwargs = dict(local=str(images_mds), batch_size=1, drop_last=False, resolution=16)
+    counts = []
+    for _ in range(6):
+        loader = build_image_dataloader(**kwargs)
+        next(iter(loader))
+        state = loader.state_dict()  # one sample into epoch 0
+        loader = build_image_dataloader(**kwargs)
+        loader.load_state_dict(state)  # streaming: a 'resume' block, kept until exit
+        assert [len(batch['image']) for epoch in range(2) for batch in loader] == [1, 1, 1]  # each epoch attaches it
+        counts.append(_shm_descriptors())
+        if counts[-1] != counts[0]:
+            break  # streaming alone: 6 more per round
+    assert counts == [counts[0]] * 6, counts
+
+
 def test_a_released_dataset_frees_its_prefix_for_the_next(images_mds):
     before = _shm_descriptors()
     first = build_eval_dataset(images_mds, 16)
