@@ -77,13 +77,13 @@ def release_streaming_shared_memory(monkeypatch):
     """At the end of each test, what process exit does for the shared memory streaming opened in it.
 
     streaming registers an ``atexit`` cleanup for every ``SharedMemory`` it creates or attaches to. The
-    library releases a dataset's blocks when the dataset is collected (``compat.init_streaming_dataset``;
-    tests/test_shared_memory.py, which turns this fixture off, checks it); this fixture still releases, at
-    each test's end, what the library has not released yet or does not track: datasets in reference cycles
-    the garbage collector has not reached yet, the resume block ``StreamingDataset.load_state_dict`` creates,
-    blocks a test makes itself. Blocks still in use (a dataset a longer-lived fixture holds) cannot close
-    and are left to exit. A released block forgets its handles, as the library's do, so that a later
-    cleanup cannot unlink another dataset's block of the same name.
+    library releases a dataset's blocks when the dataset is collected (``compat.init_streaming_dataset``,
+    ``compat.ResumeMemoryHook``; tests/test_shared_memory.py, which turns this fixture off, checks it).
+    This fixture keeps tests independent of when that happens and covers what the library does not
+    build: datasets in reference cycles the garbage collector has not reached yet, plain
+    ``StreamingDataset``s and blocks a test makes itself. Blocks still in use (a dataset a longer-lived
+    fixture holds) cannot close and are left to exit. A released block forgets its handles, as the
+    library's do, so that a later cleanup cannot unlink another dataset's block of the same name.
     """
     from streaming.base.shared import memory
 
