@@ -14,10 +14,14 @@ is first used, not with this module.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import os
+import threading
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +41,7 @@ __all__ = [
     'SUPPORTED_VERSIONS',
     'DiagonalGaussianDistribution',
     'EpochWorkHook',
+    'ResumeMemoryHook',
     'SaveCheckpointHook',
     'TorchDispatchMode',
     'UnsupportedVersionError',
@@ -52,6 +57,7 @@ __all__ = [
     'next_shard_name',
     'pending_uploads',
     'pytorch_fid_inception',
+    'release_shared_memory',
     'rename_saved_checkpoint',
     'reset_shard_cache',
     'save_checkpoint_unlinked',
@@ -234,7 +240,8 @@ SHM_PREFIX_ATTEMPTS = 10
 
 
 def init_streaming_dataset(init: Callable[..., None], **kwargs: Any) -> None:
-    """``init(**kwargs)`` (a ``StreamingDataset.__init__``), again after losing streaming's prefix race.
+    """``init(**kwargs)`` (a ``StreamingDataset``'s bound ``__init__``), again after losing streaming's prefix race;
+    the shared memory it opens is released when the dataset is garbage-collected (or ``release_shared_memory``).
 
     ``streaming.base.shared.get_shm_prefix`` looks for the first free prefix, then creates its
     ``/NNNNNN_locals`` shared memory: two processes that start a dataset at the same moment on one
@@ -243,21 +250,138 @@ def init_streaming_dataset(init: Callable[..., None], **kwargs: Any) -> None:
     picks the next prefix. With several ``torch.distributed`` ranks they meet at barriers inside it,
     and one rank retrying alone would hang them, so the error is raised there as before; a process
     group of one (``composer -n 1``) has nobody to wait for and retries.
+
+    streaming keeps every ``SharedMemory`` it creates or attaches to, with its file descriptor, in an
+    ``atexit`` handler until the process exits: the dataset's own blocks, and each other live prefix's
+    blocks it opened while looking for a free one. A prefix is free only once its blocks are unlinked, so
+    in a long-lived process (a notebook, a service) that builds datasets in a loop every new dataset
+    took the next prefix and opened the blocks of all earlier ones: the descriptors grew quadratically
+    (5580 after 30 evaluations) towards ``OSError: Too many open files``. What the construction opened
+    is recorded here and released with the dataset.
     """
     import time
 
     import torch.distributed as torch_dist
 
-    for attempt in range(SHM_PREFIX_ATTEMPTS):
-        try:
-            init(**kwargs)
-            return
-        except FileExistsError as error:
-            lost_race = str(error.filename or '').endswith('_locals')
-            other_ranks = torch_dist.is_initialized() and torch_dist.get_world_size() > 1
-            if not lost_race or other_ranks or attempt == SHM_PREFIX_ATTEMPTS - 1:
+    dataset = init.__self__  # type: ignore[attr-defined]
+    with _recording_shared_memory() as opened:
+        for attempt in range(SHM_PREFIX_ATTEMPTS):
+            try:
+                init(**kwargs)
+                break
+            except FileExistsError as error:
+                lost_race = str(error.filename or '').endswith('_locals')
+                other_ranks = torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+                if not lost_race or other_ranks or attempt == SHM_PREFIX_ATTEMPTS - 1:
+                    _release_blocks(opened, os.getpid())
+                    raise
+                time.sleep(0.05 * (1 + attempt) * (1 + os.getpid() % 7) / 4)  # staggered: racers diverge
+            except BaseException:
+                _release_blocks(opened, os.getpid())
                 raise
-            time.sleep(0.05 * (1 + attempt) * (1 + os.getpid() % 7) / 4)  # staggered: racers diverge
+    # The other prefixes' blocks it looked at are of no further use: only the dataset's own prefix stays open.
+    own = _shm_block_name(dataset._shm_prefix_int, '')
+    _release_blocks([shm for shm in opened if not shm.shm.name.lstrip('/').startswith(own)], os.getpid())
+    kept = [shm for shm in opened if shm.shm.name.lstrip('/').startswith(own)]
+    releaser = weakref.finalize(dataset, _release_blocks, kept, os.getpid())
+    releaser.atexit = False  # at exit streaming's own handlers clean up; twice could unlink another's new block
+    _RELEASERS[dataset] = releaser
+
+
+def _shm_block_name(prefix: int, name: str) -> str:
+    """streaming's name of block ``name`` of prefix ``prefix`` (``shared.prefix._get_path``): ``000003_locals``."""
+    from streaming.base.shared.prefix import _get_path
+
+    return _get_path(prefix, name)
+
+
+#: dataset -> the finalizer that releases its shared memory (once: on ``release_shared_memory`` or collection).
+_RELEASERS: weakref.WeakKeyDictionary[Any, weakref.finalize] = weakref.WeakKeyDictionary()
+# Held while streaming's ``SharedMemory.__init__`` is replaced: one thread at a time records.
+_RECORDING_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _recording_shared_memory() -> Iterator[list[Any]]:
+    """The ``streaming.base.shared.SharedMemory`` objects this thread constructs inside the block, in order.
+
+    streaming constructs them in ``get_shm_prefix``, ``SharedArray`` and ``StreamingDataset`` itself,
+    and returns none of the probes it makes while finding a free prefix, so construction is watched
+    (by replacing ``SharedMemory.__init__`` for the block) rather than the dataset's attributes read.
+    """
+    from streaming.base.shared import memory
+
+    opened: list[Any] = []
+    thread = threading.get_ident()
+    with _RECORDING_LOCK:
+        real_init = memory.SharedMemory.__init__
+
+        def init_and_record(self: Any, *args: Any, **kwargs: Any) -> None:
+            real_init(self, *args, **kwargs)
+            if threading.get_ident() == thread:
+                opened.append(self)
+
+        memory.SharedMemory.__init__ = init_and_record
+        try:
+            yield opened
+        finally:
+            memory.SharedMemory.__init__ = real_init
+
+
+def _release_blocks(opened: list[Any], owner_pid: int) -> None:
+    """What process exit does for ``opened`` (streaming's ``SharedMemory.cleanup``), now; in the owner process only.
+
+    A forked DataLoader worker inherits the dataset and this finalizer: the blocks are the parent's to
+    unlink. A block with a live view of its buffer (a numpy array of it someone kept) cannot close and
+    is left to exit. A released block forgets its handles, so that a second cleanup (exit's, or a
+    test's) cannot unlink a later dataset's block of the same name.
+    """
+    if os.getpid() != owner_pid:
+        return
+    for shm in reversed(opened):
+        try:
+            shm.cleanup()
+        except BufferError:
+            continue
+        atexit.unregister(shm.cleanup)
+        shm.created_shms, shm.opened_shms = [], []
+    opened.clear()
+
+
+class ResumeMemoryHook:
+    """Mixin for a ``StreamingDataset`` subclass built by ``init_streaming_dataset``: its resume state is released too.
+
+    ``load_state_dict`` creates the prefix's ``resume`` block for ``__iter__`` to read, and each
+    ``__iter__`` attaches to it in the private ``_resume``; streaming keeps both until exit, so a
+    process that resumes datasets in a loop gained a block per dataset and a descriptor pair per epoch.
+    The created block now goes with the dataset's others, the attachment as soon as it is read. List it
+    before ``StreamingDataset`` in the bases.
+    """
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        with _recording_shared_memory() as opened:
+            super().load_state_dict(obj)  # type: ignore[misc]
+        releaser = _RELEASERS.get(self)
+        if releaser is not None and releaser.alive:
+            releaser.peek()[2][0].extend(opened)  # the finalizer's ``kept`` list
+
+    def _resume(self, world: Any, epoch: int) -> tuple[int, int]:
+        with _recording_shared_memory() as opened:
+            resumed = super()._resume(world, epoch)  # type: ignore[misc]
+        _release_blocks(opened, os.getpid())
+        return resumed
+
+
+def release_shared_memory(dataset: Any) -> None:
+    """Release now the shared memory a dataset built through ``init_streaming_dataset`` opened.
+
+    It happens anyway when the dataset is garbage-collected; this is for code that knows it is done
+    with a dataset something may still reference. Idempotent; a dataset not built that way is ignored.
+    The dataset must not be iterated or indexed afterwards (its shared state is gone).
+    """
+    releaser = _RELEASERS.pop(dataset, None)
+    if releaser is not None:
+        releaser()
 
 
 def epoch_partition(dataset: Any, epoch: int, sample_in_epoch: int) -> tuple[NDArray[np.int64], tuple[int, int, int]]:

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eqvae_composer.algorithms.equivariance.transforms import GRID_SCALES, scaled_size  # noqa: E402
 from eqvae_composer.benchmarks.train_step import sync  # noqa: E402
 from eqvae_composer.benchmarks.workload import sd_vae_config  # noqa: E402
+from eqvae_composer.introspection import vae_downsample_factor  # noqa: E402
 
 
 def main() -> None:
@@ -83,7 +84,7 @@ def main() -> None:
         flush=True,
     )
 
-    latent = args.resolution // 8
+    latent = args.resolution // vae_downsample_factor(eager)
     sizes = sorted({scaled_size((latent, latent), s, s) for s in GRID_SCALES} - {(latent, latent)}, reverse=True)
     for size in sizes[: args.sizes]:
         z = torch.randn(args.batch_size, 4, *size, device=args.device)

@@ -5,7 +5,11 @@
         --out /data/latents-train --flip          # 8 ranks, each its parts; rank 0 merges the index
 
 Images are centre-cropped as DiT/ADM do, encoded, and the posterior's mean and std (or one sample)
-stored in fp16/bf16, with the label when the input has one. ``latents.json`` beside the index records
+stored in fp16/bf16, with the label when the input has one. ``--resolution`` must be a multiple of the
+VAE's downsampling factor (8 for SD-VAE, 4 for kl-f4, 16 for kl-f16). One input differs from what DiT's
+``ImageFolder`` loader sees, as it ignores the EXIF orientation tag: ``convert_dataset.py`` stores
+EXIF-rotated photos upright, so their latents are of the upright photo (an image folder given as
+``--data`` is read unrotated, as DiT reads it). ``latents.json`` beside the index records
 the VAE (source, weights' sha256, ``scaling_factor``/``shift_factor``) and the preprocessing.
 Killed, the same command resumes; unreadable images are listed in ``skipped.jsonl``, not fatal.
 Read the output with ``eqvae_composer.latents.StreamingLatentDataset``.

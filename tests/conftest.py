@@ -76,12 +76,14 @@ def tiny_vq(seed: int = 0, **kwargs) -> VQModel:
 def release_streaming_shared_memory(monkeypatch):
     """At the end of each test, what process exit does for the shared memory streaming opened in it.
 
-    streaming registers an ``atexit`` cleanup for every ``SharedMemory`` it creates or attaches to
-    (each dataset's, and each other prefix's it checks while finding a free one), so a process keeps
-    them all, file descriptors included, until it exits, and each new dataset opens the blocks of
-    every live prefix. A job builds a few datasets; this suite builds hundreds in one process, and
-    the descriptors grew quadratically to ``OSError: Too many open files`` near its end. Blocks
-    still in use (a dataset a longer-lived fixture holds) cannot close and are left to exit.
+    streaming registers an ``atexit`` cleanup for every ``SharedMemory`` it creates or attaches to. The
+    library releases a dataset's blocks when the dataset is collected (``compat.init_streaming_dataset``,
+    ``compat.ResumeMemoryHook``; tests/test_shared_memory.py, which turns this fixture off, checks it).
+    This fixture keeps tests independent of when that happens and covers what the library does not
+    build: datasets in reference cycles the garbage collector has not reached yet, plain
+    ``StreamingDataset``s and blocks a test makes itself. Blocks still in use (a dataset a longer-lived
+    fixture holds) cannot close and are left to exit. A released block forgets its handles, as the
+    library's do, so that a later cleanup cannot unlink another dataset's block of the same name.
     """
     from streaming.base.shared import memory
 
@@ -101,3 +103,4 @@ def release_streaming_shared_memory(monkeypatch):
         except BufferError:  # a view of it is still alive: exit will clean it up
             continue
         atexit.unregister(shm.cleanup)
+        shm.created_shms, shm.opened_shms = [], []

@@ -267,8 +267,8 @@ def test_errors_a_user_can_fix(vae_dir, tmp_path):
         encode_latents(str(tmp_path / 'vq'), str(tmp_path / 'imgs'), str(tmp_path / 'o'), EncodeOptions(resolution=32))
     with pytest.raises(FileNotFoundError, match='neither an MDS dataset'):
         encode_latents(str(vae_dir), str(tmp_path / 'nope'), str(tmp_path / 'o2'), EncodeOptions(resolution=32))
-    with pytest.raises(ValueError, match='multiple of 8'):
-        EncodeOptions(resolution=30)
+    with pytest.raises(ValueError, match='--resolution 30 must be a multiple of 8, the downsampling factor'):
+        encode_latents(str(vae_dir), str(tmp_path / 'imgs'), str(tmp_path / 'o3'), EncodeOptions(resolution=30))
     with pytest.raises(ValueError, match='limit must be positive, got 0'):
         EncodeOptions(limit=0)
     with pytest.raises(ValueError, match='seed must be non-negative'):

@@ -81,7 +81,7 @@ def count_step_flops(
     def ours(branch: Branch, tau: SpatialTransform) -> float:
         x = images
         if branch == Branch.LOW_RES:
-            x = downscale_image(x, tau.scale_h, tau.scale_w, 8)
+            x = downscale_image(x, tau.scale_h, tau.scale_w, model.downsample_factor)
         entry = latent_entry_point(model.vae)
         hook = (
             entry.register_forward_pre_hook(lambda m, a: (apply_to_latent(a[0], tau).contiguous(), *a[1:]))
@@ -90,7 +90,7 @@ def count_step_flops(
         )
         with FlopCounter() as counter:
             outputs = model({'image': x})
-            target = apply_to_image(x, tau, 8) if branch == Branch.EQUIVARIANCE else x
+            target = apply_to_image(x, tau, model.downsample_factor) if branch == Branch.EQUIVARIANCE else x
             with _autocast_off():
                 model.loss(outputs, {'image': target})['total'].backward()
         if hook is not None:

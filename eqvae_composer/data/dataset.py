@@ -17,7 +17,7 @@ import torch
 from numpy.typing import NDArray
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from eqvae_composer.compat import EpochWorkHook, epoch_partition, init_streaming_dataset
+from eqvae_composer.compat import EpochWorkHook, ResumeMemoryHook, epoch_partition, init_streaming_dataset
 from eqvae_composer.data.transforms import (
     RESIZE_FILTERS,
     decode_crop_resize,
@@ -124,7 +124,7 @@ def padding_mask(partition: NDArray[np.int64], node: int, rank: int, worker: int
     return ~first.reshape(partition.shape)[node, rank, worker].reshape(-1)[ids != -1]
 
 
-class StreamingImageDataset(EpochWorkHook, StreamingDataset):
+class StreamingImageDataset(EpochWorkHook, ResumeMemoryHook, StreamingDataset):
     """Images from MDS shards, with the EQ-VAE reference train crop or eval transform.
 
     Train: a square crop of side ``min_side * U(0.5, 1)`` at a uniformly random position, resized

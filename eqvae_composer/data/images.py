@@ -139,7 +139,8 @@ def prepare_image(data: bytes, *, min_side: int | None = None) -> PreparedImage 
     JPEGs in RGB or greyscale, without an EXIF rotation, are stored byte for byte: only the header
     is parsed and the end-of-image marker checked, so the common case costs no decode. Everything
     else that decodes is converted to RGB (EXIF rotation applied, CMYK converted, alpha flattened)
-    and stored as lossless PNG, so the loader never has to know about any of it.
+    and stored as lossless PNG, so the loader never has to know about any of it. (Upright is what a
+    viewer shows; torchvision's ``ImageFolder``, DiT's loader, ignores the tag and sees the stored grid.)
 
     Args:
         data: The file's bytes.

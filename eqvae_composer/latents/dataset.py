@@ -10,7 +10,7 @@ import torch
 from streaming import StreamingDataset
 from streaming.base.storage import CloudDownloader
 
-from eqvae_composer.compat import init_streaming_dataset
+from eqvae_composer.compat import ResumeMemoryHook, init_streaming_dataset
 from eqvae_composer.data.dataset import check_local_dataset, sample_rng
 from eqvae_composer.latents.storage import METADATA_FILE, from_stored, read_metadata
 
@@ -20,7 +20,7 @@ __all__ = ['FLIPS', 'StreamingLatentDataset']
 FLIPS = ('random', 'never', 'always')
 
 
-class StreamingLatentDataset(StreamingDataset):
+class StreamingLatentDataset(ResumeMemoryHook, StreamingDataset):
     """Scaled latents from an MDS dataset of ``scripts/encode_latents.py``, ready for a diffusion trainer.
 
     Each sample is ``z = mean + std * eps`` (or the stored sample, or the mean with

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from eqvae_composer.checkpoints import load_autoencoder
 from eqvae_composer.data.convert import is_remote
 from eqvae_composer.data.parts import finished_parts, part_name, prepare_output, write_json_atomic
+from eqvae_composer.introspection import vae_downsample_factor
 from eqvae_composer.latents.inputs import FolderImages, MDSImages, ShardReadError, open_images
 from eqvae_composer.latents.preprocess import CROPS, preprocess_image
 from eqvae_composer.latents.storage import (
@@ -76,7 +77,8 @@ class EncodeOptions:
     """How to encode.
 
     Attributes:
-        resolution: Image side after the crop. Default: ``256``.
+        resolution: Image side after the crop, a multiple of the VAE's downsampling factor (8 for SD-VAE; checked
+            once the VAE is loaded). Default: ``256``.
         crop: Preprocessing: ``'adm'`` (DiT/ADM's centre crop). Default: ``'adm'``.
         store: ``'mean_std'`` (posterior mean and std) or ``'sample'`` (one posterior sample). Default: ``'mean_std'``.
         dtype: ``'float16'``, ``'bfloat16'`` or ``'float32'``. Default: ``'float16'``.
@@ -126,8 +128,6 @@ class EncodeOptions:
                 raise ValueError(f'{name} must be positive, got {getattr(self, name)}.')
         if self.seed < 0:
             raise ValueError(f'seed must be non-negative (numpy seeds the posterior noise), got {self.seed}.')
-        if self.resolution % 8:
-            raise ValueError(f'resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}.')
 
 
 @dataclass
@@ -184,6 +184,7 @@ def _vae_record(source: str, vae: torch.nn.Module) -> dict[str, Any]:
         'scaling_factor': float(config.get('scaling_factor') or 1.0),
         'shift_factor': float(config.get('shift_factor') or 0.0),
         'latent_channels': int(config['latent_channels']),
+        'downsample_factor': vae_downsample_factor(vae),
         'weights_sha256': _weights_sha256(vae),
         'config': json.loads(json.dumps(config, default=str)),
     }
@@ -338,7 +339,8 @@ def encode_latents(
 
     Raises:
         OutputExistsError: ``out`` holds something other than an unfinished run of the same encoding.
-        ValueError: The autoencoder has no Gaussian posterior (e.g. a ``VQModel``), or ``out`` is a URL.
+        ValueError: The autoencoder has no Gaussian posterior (e.g. a ``VQModel``), ``out`` is a URL, or the
+            resolution is not a multiple of the VAE's downsampling factor.
         NothingEncodedError: Every input sample was skipped (on rank 0).
         ShardReadError: A shard of ``data`` could not be downloaded or read.
     """
@@ -360,6 +362,12 @@ def encode_latents(
     if not isinstance(vae, AutoencoderKL):
         raise ValueError(
             f'{vae_source} is a {type(vae).__name__}: encoding stores the Gaussian posterior of an AutoencoderKL.'
+        )
+    factor = vae_downsample_factor(vae)
+    if options.resolution % factor:
+        raise ValueError(
+            f'--resolution {options.resolution} must be a multiple of {factor}, the downsampling factor of the VAE '
+            f'{vae_source} (pixels per latent cell): e.g. {max(factor, options.resolution // factor * factor)}.'
         )
     vae_record = _vae_record(vae_source, vae)  # hashed before any change of memory format or device
     vae.eval().requires_grad_(False).to(device)
@@ -394,7 +402,7 @@ def encode_latents(
     if rank != 0:
         done = finished_parts(os.listdir(os.path.join(out, _STATE_DIR)))
 
-    latent_shape = [vae_record['latent_channels'], options.resolution // 8, options.resolution // 8]
+    latent_shape = [vae_record['latent_channels'], options.resolution // factor, options.resolution // factor]
     ndarray = f'ndarray:{DTYPES[options.dtype]}:{",".join(map(str, latent_shape))}'
     columns = {name: ndarray for name in latent_columns(options.store, options.flip)}
     columns['key'] = 'str'

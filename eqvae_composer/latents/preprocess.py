@@ -6,6 +6,8 @@ to the target with bicubic, then take the centre square. Its pixels differ from 
 transform's (antialiased bicubic in one step), which is why the encoder has its own. One difference
 before it: images with transparency are composited over white (``data.images.to_rgb``, as the rest of
 this package does), where DiT's ``convert('RGB')`` drops the alpha channel; opaque images are identical.
+And one in the input: ``convert_dataset.py`` stores EXIF-rotated photos upright, where DiT's ``ImageFolder``
+loader ignores the EXIF tag (see the README's "Latents for diffusion training").
 """
 
 from __future__ import annotations
