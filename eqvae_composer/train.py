@@ -485,7 +485,7 @@ def _check_target_sizes(cfg: TrainConfig, model: GANAutoencoderModel, algorithms
         if isinstance(algorithm, EquivarianceAlgorithm) and algorithm.p_equivariance + algorithm.p_lowres > 0:
             factor = algorithm.downsample_factor or vae_downsample_factor(model.vae)
             try:
-                check_target_size((resolution, resolution), factor, algorithm.scales, model.min_target_size)
+                check_target_size((resolution, resolution), factor, algorithm.target_scales, model.min_target_size)
             except ValueError as error:
                 keys = 'train_loader.dataset.resolution, algorithms.equivariance.scales or model.loss.disc_num_layers'
                 raise ConfigError(f'{error} (config keys: {keys})') from None
