@@ -170,3 +170,17 @@ def test_yaml_names_a_menu_and_a_registered_pair_and_bad_entries_name_the_key(mo
     ):
         with pytest.raises(ConfigError, match=f'algorithms.equivariance.transforms: .*{message}'):
             _instantiate(ALGORITHMS, 'algorithms', {'equivariance': {'transforms': transforms}})
+
+
+def test_in_a_trainer_the_train_metric_compares_d_of_tau_z_with_the_menus_tau_x():
+    from tests.test_integration_trainers import _diffusion_trainer, _images
+
+    equivariance = EquivarianceAlgorithm(p_equivariance=1.0, transforms={'crop': 1.0, 'hflip': 1.0})
+    model, trainer = _diffusion_trainer([equivariance], microbatch=4, max_duration='2ba')
+    trainer.fit()
+    taus = [equivariance.draw(trainer.state.seed, batch, 0)[1] for batch in range(2)]
+    assert all(isinstance(tau, (Flip, LatentCrop)) for tau in taus) and len(model.metric_pairs) == 2
+    images = _images(size=96)
+    for (prediction, target), tau, batch in zip(model.metric_pairs, taus, (images[:4], images[4:])):
+        torch.testing.assert_close(target, tau.apply_to_image(batch, 8))
+        assert prediction.shape == target.shape
