@@ -342,7 +342,9 @@ class EquivarianceAlgorithm(Algorithm):
         branch, _, transform = self._draw(rank_seed, batch, microbatch, pass_index)
         return branch, transform
 
-    def _draw(self, rank_seed: int, batch: int, microbatch: int, pass_index: int):
+    def _draw(
+        self, rank_seed: int, batch: int, microbatch: int, pass_index: int
+    ) -> tuple[Branch, int, SpatialTransform | PairedTransform]:
         """``draw`` with the transform menu's entry (-1 outside the equivariance branch), for the logs."""
         generator = torch.Generator().manual_seed(microbatch_seed(rank_seed, batch, microbatch, pass_index))
         branch = sample_branch(self.p_equivariance, self.p_lowres, generator)
