@@ -452,7 +452,7 @@ def convert_ldm_vae_state_dict(state: dict[str, Any], config: dict[str, Any]) ->
 
 
 def lpips_backbone_layers(net: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """An ``lpips.LPIPS(net='vgg')``'s VGG16 trunk: torchvision's ``vgg16().features`` index -> its layer there.
+    """An ``lpips.LPIPS``'s trunk: the torchvision ``features`` index (vgg16, alexnet, squeezenet1_1) -> its layer.
 
     lpips keeps the trunk in ``net.net.slice1`` .. ``slice5`` under torchvision's indices and has no
     argument for a local weight file, so ``load_lpips`` fills these layers from one.

@@ -50,7 +50,12 @@ from eqvae_composer.models import (
     VQGANLoss,
     load_lpips,
 )
-from eqvae_composer.models.lpips import resolve_lpips_weights
+from eqvae_composer.models.lpips import (
+    LPIPS_BACKBONES,
+    load_lpips_net,
+    resolve_lpips_weights,
+    resolve_lpips_weights_of,
+)
 from eqvae_composer.models.trainable import ALL, freeze_except, trainable_prefixes, trains_encoder
 from eqvae_composer.padding import PADDING_MODES, set_padding_mode
 from eqvae_composer.registry import CALLBACKS, LOGGERS, SCHEDULERS
@@ -128,6 +133,13 @@ class LossConfig:
     lpips_dropout: bool = False  # the reference trains with LPIPS's dropout active
     always_train_discriminator: bool = False  # the reference trains D even at disc_weight 0
     codebook_weight: float = 1.0  # model.kind vq only: taming's codebook + commitment weight
+    # Beyond the paper (the method card's "loss menu"): the reconstruction term's mix and a lighter
+    # perceptual network. The defaults are the reference's loss, bit for bit.
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    ssim_weight: float = 0.0
+    lpips_net: str = 'vgg'  # the loss's LPIPS backbone: vgg, alex or squeeze; the LPIPS eval metric stays VGG
+    lpips_net_weights: str | None = None  # torchvision's alex/squeeze file (VGG's is lpips_vgg_weights)
 
 
 @dataclass
@@ -290,9 +302,45 @@ def _check_kind_settings(cfg: ModelConfig) -> None:
                 )
 
 
+# LossConfig fields that say where the perceptual networks come from, not VAEGANLoss/VQGANLoss arguments.
+_LPIPS_SOURCE_KEYS = ('lpips_vgg_weights', 'lpips_net', 'lpips_net_weights')
+
+
+def _check_loss_settings(cfg: LossConfig) -> None:
+    """The loss menu's keys (weights, perceptual network) make sense: a config error naming the key."""
+    for name in ('l1_weight', 'l2_weight', 'ssim_weight', 'lpips_weight'):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f'model.loss.{name} must be non-negative, got {getattr(cfg, name)}.')
+    if cfg.l1_weight == cfg.l2_weight == cfg.ssim_weight == cfg.lpips_weight == 0:
+        raise ConfigError(
+            'model.loss.l1_weight, l2_weight, ssim_weight and lpips_weight are all 0: set at least one above 0.'
+        )
+    if cfg.lpips_net not in LPIPS_BACKBONES:
+        raise ConfigError(f'model.loss.lpips_net must be one of {sorted(LPIPS_BACKBONES)}, got {cfg.lpips_net!r}.')
+    if cfg.lpips_net == 'vgg' and cfg.lpips_net_weights is not None:
+        raise ConfigError(
+            'model.loss.lpips_net_weights is for lpips_net alex or squeeze; give VGG16 weights as '
+            'model.loss.lpips_vgg_weights.'
+        )
+
+
+def _loss_lpips_net(cfg: ModelConfig):
+    """The loss's LPIPS network (``None`` when its weight is 0) and the LPIPS eval metric's, if it needs its own."""
+    loss_net = metric_net = None
+    if cfg.loss.lpips_net == 'vgg':
+        loss_net = load_lpips(cfg.loss.lpips_vgg_weights) if _needs_lpips(cfg) else None
+    else:
+        if cfg.loss.lpips_weight > 0:
+            loss_net = load_lpips_net(cfg.loss.lpips_net, cfg.loss.lpips_net_weights)
+        if 'LPIPS' in (cfg.eval_metrics or ()):  # the metric is the paper's LPIPS-VGG whatever the loss uses
+            metric_net = load_lpips(cfg.loss.lpips_vgg_weights)
+    return loss_net, metric_net
+
+
 def build_model(cfg: ModelConfig) -> GANAutoencoderModel:
     """The ComposerModel described by ``cfg``, with LPIPS loaded (or a clear error) before any training."""
     _check_kind_settings(cfg)
+    _check_loss_settings(cfg.loss)
     kind = AutoencoderKind(cfg.kind)
     architecture = cfg.vae.config
     if architecture is not None:  # a config dict builds (or shapes) the class of model.kind
@@ -321,10 +369,12 @@ def build_model(cfg: ModelConfig) -> GANAutoencoderModel:
         log.info('model.trainable %s: %d of the VAE parameters are frozen', cfg.trainable, len(frozen))
     other_kinds_keys = {key for other, keys in _KIND_ONLY.items() if other != kind for key in keys}
     loss_kwargs = {
-        k: v for k, v in vars(cfg.loss).items() if k != 'lpips_vgg_weights' and f'loss.{k}' not in other_kinds_keys
+        k: v for k, v in vars(cfg.loss).items() if k not in _LPIPS_SOURCE_KEYS and f'loss.{k}' not in other_kinds_keys
     }
-    lpips = load_lpips(cfg.loss.lpips_vgg_weights) if _needs_lpips(cfg) else None
+    lpips, lpips_metric = _loss_lpips_net(cfg)
     metrics = {} if cfg.eval_metrics is None else {'eval_metrics': cfg.eval_metrics}
+    if lpips_metric is not None:
+        metrics['lpips_metric'] = lpips_metric
     if kind == AutoencoderKind.vq:
         return ComposerVQModel(vae, VQGANLoss(lpips=lpips, **loss_kwargs), image_key=cfg.image_key, **metrics)
     return ComposerAutoencoderKL(
@@ -344,9 +394,14 @@ def _needs_lpips(cfg: ModelConfig) -> bool:
 def _check_weight_files(cfg: ModelConfig) -> None:
     """Every pretrained weight file the run needs is here (or downloadable): before any data or VAE is loaded.
 
-    LPIPS' VGG16 is the only one: ``EVAL_METRICS`` has no FID (Inception) metric.
+    LPIPS' backbones are the only ones: ``EVAL_METRICS`` has no FID (Inception) metric.
     """
-    if _needs_lpips(cfg):
+    if cfg.loss.lpips_net != 'vgg':
+        if cfg.loss.lpips_weight > 0:
+            resolve_lpips_weights_of(cfg.loss.lpips_net, cfg.loss.lpips_net_weights)
+        if 'LPIPS' in (cfg.eval_metrics or ()):
+            resolve_lpips_weights(cfg.loss.lpips_vgg_weights)
+    elif _needs_lpips(cfg):
         resolve_lpips_weights(cfg.loss.lpips_vgg_weights)
 
 
@@ -476,7 +531,7 @@ def _check_target_sizes(cfg: TrainConfig, model: GANAutoencoderModel, algorithms
         if isinstance(algorithm, EquivarianceAlgorithm) and algorithm.p_equivariance + algorithm.p_lowres > 0:
             factor = algorithm.downsample_factor or vae_downsample_factor(model.vae)
             try:
-                check_target_size((resolution, resolution), factor, algorithm.scales, model.min_target_size)
+                check_target_size((resolution, resolution), factor, algorithm.target_scales, model.min_target_size)
             except ValueError as error:
                 keys = 'train_loader.dataset.resolution, algorithms.equivariance.scales or model.loss.disc_num_layers'
                 raise ConfigError(f'{error} (config keys: {keys})') from None
@@ -521,6 +576,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     if cfg.eval_loader is not None and cfg.eval_loader.drop_last:
         raise ConfigError('eval_loader.drop_last: evaluation must see every sample; remove the setting.')
     _check_paths(cfg)
+    _check_loss_settings(cfg.model.loss)
     _check_weight_files(cfg.model)
     _check_kind_settings(cfg.model)
     _check_model_options(cfg.model)

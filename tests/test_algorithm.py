@@ -56,6 +56,7 @@ NON_DEFAULTS = dict(
     lowres_isotropic=True,
     shared_draws=True,
     min_target_size=24,
+    transforms={'scale_rotate': 1.0, 'hflip': 0.5, 'crop': {'weight': 0.5, 'min_fraction': 0.75}},
 )
 
 

@@ -101,7 +101,7 @@ def test_training_with_reflect_exports_and_checkpoints_the_mode(tmp_path, mds): 
 
 
 def test_readme_blocks_restore_the_mode_with_and_without_this_package(tmp_path, monkeypatch):
-    section = README.read_text().split('## Recipes beyond the paper')[1].split('\n## ')[0]
+    section = README.read_text().split('### Reflection padding')[1].split('\n## ')[0].split('\n### ')[0]
     with_package, without = re.findall(r'```python\n(.*?)```', section, flags=re.S)
     trained = tiny_vae()
     set_padding_mode(trained, 'reflect')

@@ -54,3 +54,29 @@ def test_latents_example_reads_what_encode_latents_wrote(tmp_path, monkeypatch):
     exec(compile(block, str(README), 'exec'), namespace)
     assert namespace['batch']['latent'].shape == torch.Size([32, 4, 32, 32])
     assert 'label' not in namespace['batch']  # an unlabelled folder
+
+
+def test_recipes_beyond_the_paper_blocks_configure_and_run(monkeypatch):
+    """The loss and transform menus' YAML blocks pass the config checks; the user-defined pair example runs."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from eqvae_composer.algorithms.equivariance import TRANSFORM_PAIRS
+    from eqvae_composer.train import ALGORITHMS, LossConfig, _check_loss_settings, _instantiate
+
+    section = _section('Recipes beyond the paper').split('### Loss menu')[1]  # the menus' subsections
+    loss_block, algorithm_block = (yaml.safe_load(b) for b in re.findall(r'```yaml\n(.*?)```', section, flags=re.S))
+    loss = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LossConfig), loss_block['model']['loss']))
+    _check_loss_settings(loss)
+    assert (loss.l1_weight, loss.l2_weight, loss.ssim_weight, loss.lpips_weight) == (0.3, 0.5, 0.5, 0.5)
+    (algorithm,) = _instantiate(ALGORITHMS, 'algorithms', algorithm_block['algorithms'])
+    assert algorithm._menu.names == ['scale_rotate', 'hflip', 'crop']
+
+    monkeypatch.setitem(TRANSFORM_PAIRS, 'transpose', None)  # the example registers it; taken out afterwards
+    (block,) = re.findall(r'```python\n(.*?)```', section, flags=re.S)
+    namespace: dict = {}
+    exec(compile(block, str(README), 'exec'), namespace)
+    algorithm = namespace['algorithm']
+    drawn = {type(algorithm.draw(0, batch, 0)[1]).__name__ for batch in range(60)}
+    assert 'Transpose' in drawn and 'SpatialTransform' in drawn
+    assert TRANSFORM_PAIRS['transpose'] is namespace['RandomTranspose']

@@ -18,6 +18,11 @@ For the reference's alternating updates (``AlternatingGANUpdates``) the loss als
 at a time: ``phase='autoencoder'`` the autoencoder's loss only, ``phase='discriminator'`` the hinge
 loss only, on a reconstruction made without gradients.
 
+Beyond the paper, the per-pixel reconstruction term can mix L1, L2 (squared error) and SSIM
+(``1 - SSIM`` per image, broadcast per pixel like LPIPS) with a weight each, as MS-LC-EQ-D-VR's SDXL
+run does (L1 0.3, L2 0.5, SSIM 0.5, LPIPS 0.5). The defaults (L1 1, L2 0, SSIM 0) compute exactly
+the reference's ``rec``, and every term passes through ``nll``, so the adaptive weight sees all of them.
+
 The value of ``'total'`` is the autoencoder's loss (the reference's ``train/total_loss``): the hinge
 loss adds its gradient for the discriminator but nothing to the value, and is logged as ``'disc'``.
 
@@ -29,12 +34,15 @@ in ``vq_loss.py``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from eqvae_composer.compat import DiagonalGaussianDistribution
 from eqvae_composer.models.discriminator import PatchGANDiscriminator
@@ -48,10 +56,11 @@ __all__ = [
     'ReconstructionGANLoss',
     'VAEGANLoss',
     'hinge_discriminator_loss',
+    'ssim_distance',
 ]
 
 #: The keys of the reconstruction terms and of the GAN terms, in every ``ReconstructionGANLoss``.
-RECONSTRUCTION_KEYS = ('total', 'nll', 'rec', 'l1', 'lpips')
+RECONSTRUCTION_KEYS = ('total', 'nll', 'rec', 'l1', 'l2', 'ssim', 'lpips')
 GAN_KEYS = ('g', 'disc', 'disc_weight', 'disc_factor', 'logits_real', 'logits_fake')
 
 #: Every key ``VAEGANLoss`` returns, on every step: Composer all-reduces the dict across ranks.
@@ -64,6 +73,17 @@ GAN_PHASES = ('autoencoder', 'discriminator')
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """``0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))))``."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def ssim_distance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``1 - SSIM(x, x_hat)`` per image, shape ``(B, 1, 1, 1)``, for images in [-1, 1]; differentiable.
+
+    torchmetrics' SSIM (Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03, reflection-padded borders), with
+    the data range fixed at 2 rather than measured or clamped: a measured range would move with the batch,
+    and clamping would cut the gradient of reconstructions that overshoot [-1, 1].
+    """
+    similarity = structural_similarity_index_measure(x_hat, x, data_range=2.0, reduction='none')
+    return (1.0 - similarity).view(-1, 1, 1, 1)
 
 
 def _kl(posterior: DiagonalGaussianDistribution) -> torch.Tensor:
@@ -104,6 +124,10 @@ class ReconstructionGANLoss(nn.Module):
         always_train_discriminator (bool): with ``disc_weight = 0``, still build the discriminator and
             train it with its hinge loss, as the reference does (its discriminator optimizer steps
             whatever the weight); the autoencoder gets no GAN gradient either way. Default: ``False``.
+        l1_weight (float): weight of ``|x - x_hat|`` in ``rec``. Default: ``1.0`` (the reference).
+        l2_weight (float): weight of ``(x - x_hat)^2`` in ``rec`` (beyond the paper). Default: ``0.0``.
+        ssim_weight (float): weight of ``1 - SSIM(x, x_hat)`` per image in ``rec`` (``ssim_distance``;
+            beyond the paper). Default: ``0.0``.
     """
 
     #: Every key ``forward`` returns, on every call.
@@ -122,10 +146,18 @@ class ReconstructionGANLoss(nn.Module):
         adaptive_weight_max: float = 1e4,
         lpips_dropout: bool = False,
         always_train_discriminator: bool = False,
+        l1_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        ssim_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if lpips_weight < 0 or disc_weight < 0 or disc_factor < 0 or disc_start < 0:
             raise ValueError('loss weights and disc_start must be non-negative.')
+        for name, value in (('l1_weight', l1_weight), ('l2_weight', l2_weight), ('ssim_weight', ssim_weight)):
+            if value < 0:
+                raise ValueError(f'{name} must be non-negative, got {value}.')
+        if l1_weight == l2_weight == ssim_weight == lpips_weight == 0:
+            raise ValueError('l1_weight, l2_weight, ssim_weight and lpips_weight are all 0: nothing to reconstruct.')
         if lpips_weight > 0 and lpips is None:
             raise ValueError('lpips_weight > 0 needs an LPIPS network (see eqvae_composer.models.load_lpips).')
         if lpips_dropout and (lpips_weight == 0 or not isinstance(lpips, nn.Module)):
@@ -138,6 +170,9 @@ class ReconstructionGANLoss(nn.Module):
                 pass
         self.lpips_dropout = bool(lpips_dropout)
         self.lpips_weight = float(lpips_weight)
+        self.l1_weight = float(l1_weight)
+        self.l2_weight = float(l2_weight)
+        self.ssim_weight = float(ssim_weight)
         self.disc_weight = float(disc_weight)
         self.disc_factor = float(disc_factor)
         self.disc_start = int(disc_start)
@@ -151,7 +186,7 @@ class ReconstructionGANLoss(nn.Module):
         )
 
     def _nll(self, rec: torch.Tensor) -> torch.Tensor:
-        """The reconstruction loss from the per-pixel ``rec = |x - x_hat| + lpips_weight * LPIPS``."""
+        """The reconstruction loss from the per-pixel ``rec`` (see ``_reconstruction``)."""
         raise NotImplementedError
 
     def _latent_loss(self, latent: Any, batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -223,18 +258,11 @@ class ReconstructionGANLoss(nn.Module):
             terms['total'] = disc_gradient
             return terms
 
-        l1 = (x - x_hat).abs()
-        if self.lpips_weight > 0:
-            dropout = dropout_active(self.lpips) if self.lpips_dropout and self.training else contextlib.nullcontext()
-            with dropout:
-                p_loss = lpips_distance(self.lpips, x, x_hat)
-            rec = l1 + self.lpips_weight * p_loss  # (B, 1, 1, 1) broadcast per pixel, as the reference
-        else:
-            p_loss, rec = terms['lpips'], l1
+        rec, logged = self._reconstruction(x, x_hat)
         nll = self._nll(rec)
         latent_value, latent_terms = self._latent_loss(latent, x.shape[0])
         value = nll + latent_value
-        terms.update(nll=nll, rec=rec.mean(), l1=l1.mean(), lpips=p_loss.mean(), **latent_terms)
+        terms.update(nll=nll, rec=rec.mean(), **logged, **latent_terms)
         if logits_fake is None:
             terms['total'] = value
             return terms
@@ -262,6 +290,36 @@ class ReconstructionGANLoss(nn.Module):
         surrogate = (x_hat * (grad_nll + d_weight * factor * grad_g)).sum() + latent_value + self._nll(rec.detach())
         terms['total'] = (value - surrogate).detach() + surrogate + disc_gradient
         return terms
+
+    def _reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The per-pixel ``rec``, the weighted sum of the terms whose weight is not 0, and each term's mean.
+
+        With the default weights this is the reference's ``|x - x_hat| + lpips_weight * LPIPS``, operation
+        for operation (a weight of 1 is not multiplied in). A term whose weight is 0 is not computed and
+        logs 0, so the keys stay the same on every step. The per-image terms (SSIM, LPIPS; ``(B, 1, 1, 1)``)
+        count once per pixel, as the reference broadcasts LPIPS.
+        """
+        zero = x.new_zeros(())
+        logged = {'l1': zero, 'l2': zero, 'ssim': zero, 'lpips': zero}
+        weighted = []
+        difference = x - x_hat
+        for name, weight, distance in (
+            ('l1', self.l1_weight, difference.abs),
+            ('l2', self.l2_weight, difference.square),
+            ('ssim', self.ssim_weight, lambda: ssim_distance(x, x_hat)),
+            ('lpips', self.lpips_weight, lambda: self._perceptual(x, x_hat)),
+        ):
+            if weight > 0:
+                term = distance()
+                logged[name] = term.mean()
+                weighted.append(term if weight == 1.0 else weight * term)
+        rec = functools.reduce(operator.add, weighted)
+        return rec.expand_as(x) if rec.shape != x.shape else rec, logged
+
+    def _perceptual(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        dropout = dropout_active(self.lpips) if self.lpips_dropout and self.training else contextlib.nullcontext()
+        with dropout:
+            return lpips_distance(self.lpips, x, x_hat)
 
     def _adaptive_weight(self, grad_nll, grad_g, last_layer: nn.Conv2d, last_layer_input) -> torch.Tensor:
         """``disc_weight * clamp(||dnll/dW|| / (||dg/dW|| + 1e-4), 0, max)`` for W the last layer's weight."""

@@ -3,6 +3,9 @@
 The ``lpips`` package ships the linear calibration layers but fetches torchvision's VGG16 at run
 time; here the backbone is built empty and filled from a file found by ``resolve_weights``, so an
 offline machine fails fast with the file name instead of downloading or using random weights.
+
+Beyond the paper, ``load_lpips_net`` builds the package's other calibrated networks (AlexNet,
+SqueezeNet) the same way, as a lighter perceptual loss; the LPIPS metric stays VGG.
 """
 
 from __future__ import annotations
@@ -19,10 +22,29 @@ import torchvision
 from eqvae_composer.compat import lpips_backbone_layers
 from eqvae_composer.weights import resolve_weights
 
-__all__ = ['VGG16_FILENAME', 'VGG16_URL', 'dropout_active', 'load_lpips', 'lpips_distance', 'resolve_lpips_weights']
+__all__ = [
+    'LPIPS_BACKBONES',
+    'VGG16_FILENAME',
+    'VGG16_URL',
+    'dropout_active',
+    'load_lpips',
+    'load_lpips_net',
+    'lpips_distance',
+    'resolve_lpips_weights',
+    'resolve_lpips_weights_of',
+]
 
 VGG16_FILENAME = 'vgg16-397923af.pth'
 VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
+_TORCHVISION_MODELS = 'https://download.pytorch.org/models/'
+
+#: ``lpips.LPIPS(net=...)`` name -> (torchvision builder, torchvision's weight file for it). The lpips
+#: package ships the linear heads of all three; the backbones are torchvision's ImageNet weights.
+LPIPS_BACKBONES: dict[str, tuple[Callable[[], torch.nn.Module], str]] = {
+    'vgg': (torchvision.models.vgg16, VGG16_FILENAME),
+    'alex': (torchvision.models.alexnet, 'alexnet-owt-7be5be79.pth'),
+    'squeeze': (torchvision.models.squeezenet1_1, 'squeezenet1_1-b8a52dc0.pth'),
+}
 
 
 def resolve_lpips_weights(vgg_weights: str | os.PathLike | None = None, allow_download: bool | None = None) -> Path:
@@ -32,7 +54,22 @@ def resolve_lpips_weights(vgg_weights: str | os.PathLike | None = None, allow_do
         vgg_weights (str | PathLike, optional): the file, or a folder holding it. Default: the torch hub cache.
         allow_download (bool, optional): see ``eqvae_composer.weights.resolve_weights``.
     """
-    return resolve_weights(VGG16_FILENAME, VGG16_URL, 'LPIPS (VGG16 backbone)', vgg_weights, allow_download)
+    return resolve_lpips_weights_of('vgg', vgg_weights, allow_download)
+
+
+def resolve_lpips_weights_of(
+    net: str, weights: str | os.PathLike | None = None, allow_download: bool | None = None
+) -> Path:
+    """The path of the torchvision backbone file of the LPIPS network ``net`` (see ``LPIPS_BACKBONES``).
+
+    Raises:
+        ValueError: ``net`` is not one of ``LPIPS_BACKBONES``.
+        MissingWeightsError: the file is not here, naming it and where to get it.
+    """
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f'the LPIPS network must be one of {sorted(LPIPS_BACKBONES)}, got {net!r}.')
+    filename = LPIPS_BACKBONES[net][1]
+    return resolve_weights(filename, _TORCHVISION_MODELS + filename, f'LPIPS ({net} backbone)', weights, allow_download)
 
 
 def load_lpips(vgg_weights: str | os.PathLike | None = None, allow_download: bool | None = None) -> lpips.LPIPS:
@@ -43,16 +80,31 @@ def load_lpips(vgg_weights: str | os.PathLike | None = None, allow_download: boo
             holding it). Default: looked up in the torch hub cache.
         allow_download (bool, optional): see ``eqvae_composer.weights.resolve_weights``.
     """
-    state = torch.load(resolve_lpips_weights(vgg_weights, allow_download), map_location='cpu', weights_only=True)
+    return load_lpips_net('vgg', vgg_weights, allow_download)
+
+
+def load_lpips_net(
+    net: str = 'vgg', weights: str | os.PathLike | None = None, allow_download: bool | None = None
+) -> lpips.LPIPS:
+    """A frozen LPIPS network (``'vgg'``, ``'alex'`` or ``'squeeze'``) in eval mode, like ``load_lpips``.
+
+    Args:
+        net (str): the backbone, a key of ``LPIPS_BACKBONES``. Default: ``'vgg'``.
+        weights (str | PathLike, optional): torchvision's weight file of that backbone (or a folder
+            holding it). Default: looked up in the torch hub cache.
+        allow_download (bool, optional): see ``eqvae_composer.weights.resolve_weights``.
+    """
+    path = resolve_lpips_weights_of(net, weights, allow_download)
+    state = torch.load(path, map_location='cpu', weights_only=True)
     # Only the convolutional trunk is used; the classifier's keys may be absent (or present).
-    features = torchvision.models.vgg16().features
+    features = LPIPS_BACKBONES[net][0]().features
     features.load_state_dict({k.removeprefix('features.'): v for k, v in state.items() if k.startswith('features.')})
     # pnet_rand=True builds the backbone without downloading; its layers are replaced below.
-    net = lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=True, verbose=False)
-    for index, layer in lpips_backbone_layers(net).items():
+    model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    for index, layer in lpips_backbone_layers(model).items():
         layer.load_state_dict(features[index].state_dict())
-    net.eval().requires_grad_(False)
-    return net
+    model.eval().requires_grad_(False)
+    return model
 
 
 def lpips_distance(net: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, x_hat: torch.Tensor):

@@ -3,6 +3,20 @@
 # The VAE introspection helpers live in eqvae_composer.introspection; re-exported here for existing imports.
 
 from eqvae_composer.algorithms.equivariance.equivariance import EquivarianceAlgorithm, microbatch_seed
+from eqvae_composer.algorithms.equivariance.menu import (
+    TRANSFORM_PAIRS,
+    Flip,
+    HorizontalFlip,
+    LatentCrop,
+    LatentTranslation,
+    PairedTransform,
+    RandomLatentCrop,
+    RandomLatentTranslation,
+    ScaleRotate,
+    TransformMenu,
+    TransformPair,
+    VerticalFlip,
+)
 from eqvae_composer.algorithms.equivariance.transforms import (
     DISCRETE_SCALES,
     GRID_SCALES,
@@ -25,7 +39,19 @@ __all__ = [
     'Branch',
     'DISCRETE_SCALES',
     'EquivarianceAlgorithm',
+    'Flip',
     'GRID_SCALES',
+    'HorizontalFlip',
+    'LatentCrop',
+    'LatentTranslation',
+    'PairedTransform',
+    'RandomLatentCrop',
+    'RandomLatentTranslation',
+    'ScaleRotate',
+    'TRANSFORM_PAIRS',
+    'TransformMenu',
+    'TransformPair',
+    'VerticalFlip',
     'SpatialTransform',
     'apply_to_image',
     'apply_to_latent',

@@ -14,6 +14,10 @@ The algorithm works with any ComposerModel that holds one diffusers autoencoder 
   restored after the loss.
 * full-resolution prior preservation: nothing changes.
 
+Beyond the paper, ``transforms`` gives the equivariance branch a menu of taus with weights (flips,
+latent-grid crops and translations, or pairs of your own; see ``menu.py``); by default it draws the
+paper's scale-then-rotate, bit for bit.
+
 Training metrics see consistent pairs: Composer updates them after the backward with the training
 outputs against a copy of the batch taken before ``BEFORE_FORWARD``, so for a transformed microbatch
 the model's ``update_metric`` is handed that batch with ``tau(x)`` (or the low-resolution input) in
@@ -25,7 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,17 +39,23 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import batch_set
 
+from eqvae_composer.algorithms.equivariance.menu import (
+    PairedTransform,
+    ScaleRotate,
+    TransformMenu,
+    TransformPair,
+    transform_image,
+    transform_latent,
+)
 from eqvae_composer.algorithms.equivariance.transforms import (
     SCALE_MODES,
     Branch,
     SpatialTransform,
-    apply_to_image,
-    apply_to_latent,
     check_target_size,
     downscale_image,
     sample_branch,
     sample_scales,
-    sample_transform,
+    smallest_scale,
 )
 from eqvae_composer.introspection import adapter_for, find_autoencoder, unwrap_model
 
@@ -80,7 +90,8 @@ class _Microbatch:
     """What the algorithm holds between a microbatch's ``BEFORE_FORWARD`` and its metric update."""
 
     branch: Branch = Branch.FULL_RES
-    transform: SpatialTransform = SpatialTransform()
+    transform: SpatialTransform | PairedTransform = SpatialTransform()
+    entry: int = -1  # the transform menu's entry that drew ``transform``; -1 outside the equivariance branch
     armed: bool = False  # the latent hook transforms z only between BEFORE_FORWARD and AFTER_FORWARD
     hook_calls: int = 0
     original_image: Any = None  # the batch's x while tau(x) or the low-resolution input stands in for it
@@ -132,6 +143,12 @@ class EquivarianceAlgorithm(Algorithm):
         min_target_size (int, optional): the smallest image side the model's loss accepts (e.g. 24 for
             a 3-layer PatchGAN); read from the model's ``min_target_size`` attribute when ``None``.
             Default: ``None``.
+        transforms (Mapping, optional): beyond the paper, the taus the equivariance branch draws, one
+            per microbatch by weight: ``TRANSFORM_PAIRS`` names (``scale_rotate``, the paper's, built
+            from ``scales``, ``rotations`` and ``anisotropic``; ``hflip``; ``vflip``; ``crop``;
+            ``translate``) or ``TransformPair`` objects -> weights (or, for a name, ``{weight: ...,
+            <options>}``); see ``menu.TransformMenu``. Default: ``None``, i.e. ``{'scale_rotate': 1.0}``,
+            the paper's draws bit for bit.
     """
 
     def __init__(
@@ -148,6 +165,7 @@ class EquivarianceAlgorithm(Algorithm):
         lowres_isotropic: bool = False,
         shared_draws: bool = False,
         min_target_size: int | None = None,
+        transforms: Mapping[str | TransformPair, float | Mapping[str, Any]] | None = None,
     ) -> None:
         for name, value in (('p_equivariance', p_equivariance), ('p_lowres', p_lowres)):
             if not 0.0 <= float(value) <= 1.0:
@@ -181,6 +199,8 @@ class EquivarianceAlgorithm(Algorithm):
         self.image_key = image_key
         self.downsample_factor = downsample_factor
         self.min_target_size = None if min_target_size is None else int(min_target_size)
+        self.transforms = transforms
+        self._menu = TransformMenu(transforms, ScaleRotate(scales, rotations, self.anisotropic))
 
         self._min_size: int | None = None  # min_target_size, else the model's, resolved at INIT
         self._model: Any = None
@@ -203,9 +223,15 @@ class EquivarianceAlgorithm(Algorithm):
         return self._current.branch
 
     @property
-    def transform(self) -> SpatialTransform:
+    def transform(self) -> SpatialTransform | PairedTransform:
         """The transform of the current (or last) training microbatch; the identity at full resolution."""
         return self._current.transform
+
+    @property
+    def target_scales(self) -> str | Sequence[float]:
+        """What ``check_target_size`` checks: ``scales``, or the smallest fraction a transform menu entry draws."""
+        smallest = min(smallest_scale(self.scales), self._menu.smallest_fraction)
+        return self.scales if smallest == smallest_scale(self.scales) else (smallest,)
 
     def match(self, event: Event, state: State) -> bool:
         return event in (
@@ -242,7 +268,7 @@ class EquivarianceAlgorithm(Algorithm):
         elif event == Event.BEFORE_LOSS:
             if self._current.branch == Branch.EQUIVARIANCE:
                 self._swap_image(
-                    state, lambda x: apply_to_image(x, self._current.transform, self._factor, **self._resize_kw)
+                    state, lambda x: transform_image(x, self._current.transform, self._factor, **self._resize_kw)
                 )
         elif event == Event.AFTER_LOSS:
             if self._current.original_image is not None:
@@ -302,7 +328,7 @@ class EquivarianceAlgorithm(Algorithm):
         batch: int,
         microbatch: int,
         pass_index: int = 0,
-    ) -> tuple[Branch, SpatialTransform]:
+    ) -> tuple[Branch, SpatialTransform | PairedTransform]:
         """The branch and transform of one microbatch: a pure function of these seeds and the options.
 
         Args:
@@ -313,16 +339,24 @@ class EquivarianceAlgorithm(Algorithm):
             pass_index: the pass over the batch (see ``microbatch_seed``). Default: ``0``.
 
         Returns:
-            tuple[Branch, SpatialTransform]: the identity transform for the full-resolution branch.
+            tuple[Branch, SpatialTransform | PairedTransform]: the identity transform for the
+            full-resolution branch; in the equivariance branch, what the transform menu drew.
         """
+        branch, _, transform = self._draw(rank_seed, batch, microbatch, pass_index)
+        return branch, transform
+
+    def _draw(
+        self, rank_seed: int, batch: int, microbatch: int, pass_index: int
+    ) -> tuple[Branch, int, SpatialTransform | PairedTransform]:
+        """``draw`` with the transform menu's entry (-1 outside the equivariance branch), for the logs."""
         generator = torch.Generator().manual_seed(microbatch_seed(rank_seed, batch, microbatch, pass_index))
         branch = sample_branch(self.p_equivariance, self.p_lowres, generator)
         if branch == Branch.EQUIVARIANCE:
-            return branch, sample_transform(self.scales, self.rotations, self.anisotropic, generator)
+            return branch, *self._menu.sample(generator)
         if branch == Branch.LOW_RES:
             anisotropic = self.anisotropic and not self.lowres_isotropic
-            return branch, SpatialTransform(*sample_scales(self.scales, anisotropic, generator))
-        return branch, SpatialTransform()
+            return branch, -1, SpatialTransform(*sample_scales(self.scales, anisotropic, generator))
+        return branch, -1, SpatialTransform()
 
     def _begin_microbatch(self, state: State, logger: Logger) -> None:
         # A fresh state whatever the last microbatch left behind: a forward or loss that raised (an OOM
@@ -330,8 +364,8 @@ class EquivarianceAlgorithm(Algorithm):
         stale = self._current
         if stale.original_image is not None and state.batch_get_item(self.image_key) is stale.target:
             state.batch_set_item(self.image_key, stale.original_image)  # the same batch again: give x back
-        branch, transform = self.draw(self._seed, int(state.timestamp.batch), self._microbatch, self._pass)
-        self._current = _Microbatch(branch, transform)
+        branch, entry, transform = self._draw(self._seed, int(state.timestamp.batch), self._microbatch, self._pass)
+        self._current = _Microbatch(branch, transform, entry)
         self._microbatch += 1
         image = state.batch_get_item(self.image_key)
         self._check_target_size(tuple(image.shape[-2:]))
@@ -342,21 +376,23 @@ class EquivarianceAlgorithm(Algorithm):
                 state,
                 lambda x: downscale_image(x, transform.scale_h, transform.scale_w, self._factor, **self._resize_kw),
             )
-        # Fixed keys on every step and rank: Composer's loggers and all-reduces expect that.
-        logger.log_metrics(
-            {
-                'eqvae/branch': float(branch),
-                'eqvae/scale_h': transform.scale_h,
-                'eqvae/scale_w': transform.scale_w,
-                'eqvae/rotation_deg': 90.0 * transform.quarter_turns,
-            }
-        )
+        # Fixed keys on every step and rank: Composer's loggers and all-reduces expect that. A menu tau
+        # without a scale or rotation logs the identity's; a menu of several entries logs which one drew.
+        metrics = {
+            'eqvae/branch': float(branch),
+            'eqvae/scale_h': float(getattr(transform, 'scale_h', 1.0)),
+            'eqvae/scale_w': float(getattr(transform, 'scale_w', 1.0)),
+            'eqvae/rotation_deg': 90.0 * getattr(transform, 'quarter_turns', 0),
+        }
+        if len(self._menu.pairs) > 1:
+            metrics['eqvae/transform'] = float(entry)
+        logger.log_metrics(metrics)
 
     def _check_target_size(self, size: tuple[int, int]) -> None:
         """Fail before any work when the smallest draws would give the model images it cannot take."""
         if self._min_size is None or size in self._checked_sizes or self.p_equivariance + self.p_lowres == 0:
             return
-        check_target_size(size, self._factor, self.scales, self._min_size)
+        check_target_size(size, self._factor, self.target_scales, self._min_size)
         self._checked_sizes.add(size)
 
     def _swap_image(self, state: State, fn) -> None:
@@ -370,7 +406,7 @@ class EquivarianceAlgorithm(Algorithm):
         if not self._current.armed:
             return None
         self._current.hook_calls += 1
-        return (apply_to_latent(args[0], self._current.transform, **self._resize_kw), *args[1:])
+        return (transform_latent(args[0], self._current.transform, **self._resize_kw), *args[1:])
 
     def _end_microbatch(self) -> None:
         """Nothing of the last microbatch reaches what runs next; its branch and transform stay readable."""
