@@ -1,6 +1,7 @@
 """Loading autoencoders from any supported format, exporting them, and measuring their latent scale."""
 
 from eqvae_composer.checkpoints.composer_state import (
+    EMA_COPY_CALLBACK,
     AutoencoderConfigRecorder,
     composer_vae_state,
     full_vae,
@@ -23,6 +24,7 @@ from eqvae_composer.checkpoints.loading import (
 from eqvae_composer.checkpoints.sharded import is_sharded_checkpoint, read_sharded_checkpoint
 
 __all__ = [
+    'EMA_COPY_CALLBACK',
     'SD_VAE_CONFIG',
     'AutoencoderConfigRecorder',
     'AutoencoderLoadError',

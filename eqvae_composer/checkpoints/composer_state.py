@@ -9,8 +9,10 @@ Where things are in a Composer checkpoint (``torch.load(path)['state']``):
   its averages *into* the model before every checkpoint, so with ``ema_weights_active`` the model
   holds the EMA weights and ``ema_model`` the raw ones; otherwise the other way round. Before
   ``ema_start`` (``ema_started`` false) ``ema_model`` is a copy of the initial weights, not an average.
-  Under FSDP2 the copies are DTensors, and a sharded checkpoint keeps rank 0's shard of them only
-  (Composer pickles the algorithms' state whole, from rank 0: see ``sharded.py``).
+  Under FSDP2 the copies are DTensors, which Composer pickles whole, from rank 0 (rank 0's shard only:
+  see ``sharded.py``). This project's ``EMA`` (``eqvae_composer.algorithms.ema``) therefore leaves
+  ``ema_model`` out of its state there and saves the copies under ``state['callbacks']['EMACopy']``
+  (``EMA_COPY_CALLBACK``), the same two dicts, every rank's shard of them.
 * ``state['callbacks'][name]``: callbacks' ``state_dict()``; ``AutoencoderConfigRecorder`` stores the
   VAE's diffusers config there, with its ``_class_name`` as in ``config.json``, so a checkpoint
   carries its own architecture.
@@ -30,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from eqvae_composer.introspection import unwrap_model
 
 __all__ = [
+    'EMA_COPY_CALLBACK',
     'VAE_PREFIX',
     'AutoencoderConfigRecorder',
     'composer_vae_state',
@@ -41,6 +44,8 @@ __all__ = [
 
 #: Where ``ComposerAutoencoderKL`` keeps the diffusers VAE in its state dict.
 VAE_PREFIX = 'autoencoder.vae.'
+#: The callback (its class name) under whose state this project's ``EMA`` saves its copy of FSDP2-sharded weights.
+EMA_COPY_CALLBACK = 'EMACopy'
 # Name components that wrappers insert into parameter names: FSDP1 and activation checkpointing wrap
 # submodules anywhere in the tree, torch.compile (`_orig_mod`) the model or any submodule. DDP's `module`
 # wraps only the outermost model, and `module` may be a real submodule's name: only leading ones are DDP's.
@@ -88,11 +93,14 @@ def is_composer_checkpoint(obj: Any) -> bool:
     return isinstance(model, Mapping) and any(_clean_name(k).startswith(VAE_PREFIX) for k in model)
 
 
-def _ema_state(algorithms: Any) -> Mapping[str, Any] | None:
+def _ema_state(algorithms: Any, callbacks: Mapping[str, Any] | None = None) -> Mapping[str, Any] | None:
     for name, algorithm_state in algorithms or ():
+        if name != EMA.__name__:
+            continue
+        copy = algorithm_state.get('ema_model') or (callbacks or {}).get(EMA_COPY_CALLBACK)
         # Before `ema_start`, EMA holds a copy of the initial weights, not an average: no EMA weights yet.
-        if name == EMA.__name__ and algorithm_state.get('ema_model') and algorithm_state.get('ema_started', True):
-            return algorithm_state
+        if copy and algorithm_state.get('ema_started', True):
+            return {**algorithm_state, 'ema_model': copy}
     return None
 
 
@@ -108,7 +116,7 @@ def composer_vae_state(checkpoint: Mapping[str, Any], ema: bool = True) -> tuple
         ``(state_dict, 'EMA' | 'raw')``.
     """
     state = checkpoint['state']
-    return _select(state['model'], _ema_state(state.get('algorithms')), ema)
+    return _select(state['model'], _ema_state(state.get('algorithms'), state.get('callbacks')), ema)
 
 
 def _select(
@@ -176,9 +184,22 @@ def trained_autoencoder(state: State, ema: bool = True) -> tuple[torch.nn.Module
     Returns:
         ``(vae, 'EMA' | 'raw')``.
     """
-    # As Composer lists them in a checkpoint, so that a run's EMA reads the same in and out of one.
+    # As Composer lists them in a checkpoint, so that a run's EMA reads the same in and out of one; read from the
+    # algorithm itself, as its state_dict() may leave the copy to a callback.
     algorithms = [
-        (EMA.__name__, a.state_dict()) for a in state.algorithms if isinstance(a, EMA) and a.ema_model is not None
+        (
+            EMA.__name__,
+            {
+                'ema_model': {
+                    'named_parameters_dict': a.ema_model.named_parameters_dict,
+                    'named_buffers_dict': a.ema_model.named_buffers_dict,
+                },
+                'ema_weights_active': a.ema_weights_active,
+                'ema_started': a.ema_started,
+            },
+        )
+        for a in state.algorithms
+        if isinstance(a, EMA) and a.ema_model is not None
     ]
     vae_state, which = _select(_full_model_state(state.model), _ema_state(algorithms), ema)
     return _standalone(unwrap_model(state.model).vae, vae_state), which
