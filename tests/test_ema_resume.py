@@ -45,9 +45,7 @@ def _launch(run_dir: Path, world: int, *args: str) -> subprocess.CompletedProces
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope='module', params=sorted(PLANS), ids=lambda world: f'{world}ranks')
-def runs(request, tmp_path_factory):
-    world = request.param
+def _runs(world: int, tmp_path_factory) -> dict:
     kinds, killed = PLANS[world]
     run_dir = tmp_path_factory.mktemp(f'ema{world}')
     clean_stale_shared_memory()
@@ -59,6 +57,21 @@ def runs(request, tmp_path_factory):
     clean_stale_shared_memory()
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return {'dir': run_dir, 'world': world, 'kinds': kinds, 'killed': killed}
+
+
+@pytest.fixture(scope='module')
+def two_ranks(tmp_path_factory):
+    return _runs(2, tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def three_ranks(tmp_path_factory):
+    return _runs(3, tmp_path_factory)
+
+
+@pytest.fixture(params=['two_ranks', 'three_ranks'])
+def runs(request):
+    return request.getfixturevalue(request.param)
 
 
 def _snapshots(run_dir: Path, case: str, world: int) -> list[dict[str, torch.Tensor]]:
@@ -96,9 +109,8 @@ def test_each_rank_held_its_own_uneven_shards_and_ema_differs_from_the_raw_weigh
 
 @pytest.mark.parametrize('kind', ['sharded', 'full'])
 @pytest.mark.parametrize('weights', ['EMA', 'raw'])
-def test_export_reads_every_ranks_weights_from_the_new_checkpoints(runs, kind, weights, tmp_path, capsys):
-    if runs['world'] != 3:
-        pytest.skip('exported from the 3-rank runs')
+def test_export_reads_every_ranks_weights_from_the_new_checkpoints(three_ranks, kind, weights, tmp_path, capsys):
+    runs = three_ranks
     folder = runs['dir'] / 'checkpoints' / kind
     checkpoint = folder / ('ep0-ba4' if kind == 'sharded' else 'ep0-ba4-rank0.pt')
     run_export_script(
@@ -110,28 +122,25 @@ def test_export_reads_every_ranks_weights_from_the_new_checkpoints(runs, kind, w
     assert all(torch.equal(got[k], v) for k, v in expected.items())
 
 
-def test_ddp_checkpoints_keep_composers_layout(runs):
-    if runs['world'] != 2:
-        pytest.skip('DDP runs on 2 ranks')
-    state = torch.load(runs['dir'] / 'checkpoints' / 'ddp' / 'latest-rank0.pt', weights_only=False)['state']
+def test_ddp_checkpoints_keep_composers_layout(two_ranks):
+    state = torch.load(two_ranks['dir'] / 'checkpoints' / 'ddp' / 'latest-rank0.pt', weights_only=False)['state']
     assert dict(state['algorithms'])['EMA']['ema_model']['named_parameters_dict']
     assert state['callbacks'][EMA_COPY_CALLBACK] == {}
 
 
 @pytest.mark.parametrize('kind', ['old-sharded', 'old-full'])
-def test_a_checkpoint_of_composers_own_ema_is_refused_with_what_to_do(runs, kind):
-    if runs['world'] != 2:
-        pytest.skip('old checkpoints are written by the 2-rank launch')
-    checkpoint = runs['dir'] / 'checkpoints' / kind / 'latest-rank0.pt'
-    message = (runs['dir'] / 'errors' / kind).read_text()
-    assert message.startswith(f"{checkpoint} was saved under FSDP by Composer's own EMA")
+def test_a_checkpoint_of_composers_own_ema_is_refused_with_what_to_do(two_ranks, kind):
+    checkpoint = two_ranks['dir'] / 'checkpoints' / kind / 'latest-rank0.pt'
+    message = (two_ranks['dir'] / 'errors' / kind).read_text()
+    assert message.startswith(f'{checkpoint} cannot be resumed with algorithms.ema under FSDP')
+    assert "saved by Composer's own EMA" in message
     assert f'scripts/export.py --checkpoint {checkpoint} --out' in message and 'model.vae.pretrained' in message
 
 
-def test_export_of_an_old_sharded_checkpoint_gives_its_ema_weights_and_refuses_its_partial_raw_ones(runs, tmp_path):
-    if runs['world'] != 2:
-        pytest.skip('old checkpoints are written by the 2-rank launch')
-    checkpoint = str(runs['dir'] / 'checkpoints' / 'old-sharded' / 'ep0-ba2')
+def test_export_of_an_old_sharded_checkpoint_gives_its_ema_weights_and_refuses_its_partial_raw_ones(
+    two_ranks, tmp_path
+):
+    checkpoint = str(two_ranks['dir'] / 'checkpoints' / 'old-sharded' / 'ep0-ba2')
     run_export_script(['--checkpoint', checkpoint, '--out', str(tmp_path / 'ema')])
     assert (tmp_path / 'ema' / WEIGHTS).is_file()
     with pytest.raises(AutoencoderLoadError, match=r'raw weights are incomplete.*ema=True \(scripts/export.py without'):

@@ -45,12 +45,13 @@ class UnresumableEMACheckpointError(ValueError):
 
 
 def _pre_fix_checkpoint(checkpoint: str | None = None) -> str:
+    path = checkpoint or '<checkpoint>'
     return (
-        f"{checkpoint or 'The checkpoint'} was saved under FSDP by Composer's own EMA (before "
-        "eqvae_composer.algorithms.EMA), which keeps rank 0's shard of EMA's copy of the weights only: a run cannot "
-        'resume from it. Its EMA weights are complete: export them (python scripts/export.py --checkpoint '
-        f'{checkpoint or "<checkpoint>"} --out <folder>) and start a new run from them (model.vae.pretrained=<folder>) '
-        'in another save_folder or under another run_name.'
+        f'{checkpoint or "The checkpoint"} cannot be resumed with algorithms.ema under FSDP: it was saved by '
+        "Composer's own EMA (before eqvae_composer.algorithms.EMA), which keeps rank 0's shard of EMA's copy of the "
+        'weights only (or, if sharded, by a run without EMA). Its model weights are complete (with EMA: the EMA '
+        f'weights): export them (python scripts/export.py --checkpoint {path} --out <folder>) and start a new run '
+        'from them (model.vae.pretrained=<folder>) in another save_folder or under another run_name.'
     )
 
 
@@ -175,7 +176,7 @@ def explain_unresumable_ema_checkpoint(checkpoint: str) -> Iterator[None]:
 
     Wrap the ``Trainer`` construction that loads ``checkpoint``: a full checkpoint stops in
     ``EMA.load_state_dict``; a sharded one earlier, in ``torch.distributed.checkpoint``, which finds no
-    ``EMACopy`` entries to load into the shards.
+    ``EMACopy`` entries to load into the shards (nor does it in a sharded checkpoint of a run without EMA).
 
     Args:
         checkpoint: the checkpoint the Trainer loads, for the message.

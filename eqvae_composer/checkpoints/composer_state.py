@@ -171,6 +171,20 @@ def full_vae(model: torch.nn.Module) -> torch.nn.Module:
     return _standalone(unwrap_model(model).vae, _vae_part(_full_model_state(model)))
 
 
+def _saved_ema_state(algorithm: EMA) -> dict[str, Any]:
+    """``algorithm.state_dict()`` as Composer's ``EMA`` writes it, copy included (this project's ``EMA`` leaves
+    the copy of FSDP2-sharded weights to a callback)."""
+    copy = algorithm.ema_model
+    return {
+        'ema_model': {
+            'named_parameters_dict': copy.named_parameters_dict,
+            'named_buffers_dict': copy.named_buffers_dict,
+        },
+        'ema_weights_active': algorithm.ema_weights_active,
+        'ema_started': algorithm.ema_started,
+    }
+
+
 def trained_autoencoder(state: State, ema: bool = True) -> tuple[torch.nn.Module, str]:
     """Like ``full_vae(state.model)``, with the EMA weights when the Trainer runs Composer's ``EMA``.
 
@@ -184,22 +198,8 @@ def trained_autoencoder(state: State, ema: bool = True) -> tuple[torch.nn.Module
     Returns:
         ``(vae, 'EMA' | 'raw')``.
     """
-    # As Composer lists them in a checkpoint, so that a run's EMA reads the same in and out of one; read from the
-    # algorithm itself, as its state_dict() may leave the copy to a callback.
-    algorithms = [
-        (
-            EMA.__name__,
-            {
-                'ema_model': {
-                    'named_parameters_dict': a.ema_model.named_parameters_dict,
-                    'named_buffers_dict': a.ema_model.named_buffers_dict,
-                },
-                'ema_weights_active': a.ema_weights_active,
-                'ema_started': a.ema_started,
-            },
-        )
-        for a in state.algorithms
-        if isinstance(a, EMA) and a.ema_model is not None
-    ]
+    # As Composer lists them in a checkpoint, so that a run's EMA reads the same in and out of one.
+    emas = [a for a in state.algorithms if isinstance(a, EMA) and a.ema_model is not None]
+    algorithms = [(EMA.__name__, _saved_ema_state(a)) for a in emas]
     vae_state, which = _select(_full_model_state(state.model), _ema_state(algorithms), ema)
     return _standalone(unwrap_model(state.model).vae, vae_state), which
