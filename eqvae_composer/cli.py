@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from eqvae_composer.algorithms.ema import UnresumableEMACheckpointError
 from eqvae_composer.checkpoints import AutoencoderLoadError
 from eqvae_composer.data.dataset import EmptyDatasetError
 from eqvae_composer.train import ConfigError
@@ -26,6 +27,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     MissingWeightsError,
     FileNotFoundError,
     EmptyDatasetError,
+    UnresumableEMACheckpointError,
 )
 #: Exit status of a run stopped by one of ``USER_ERRORS`` (as argparse's for a bad command line).
 USER_ERROR_STATUS = 2

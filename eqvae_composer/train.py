@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 from composer import Trainer
-from composer.algorithms import EMA, GradientClipping
+from composer.algorithms import GradientClipping
 from composer.core import Algorithm
 from composer.utils import dist, get_device, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from eqvae_composer.algorithms import EquivarianceAlgorithm
+from eqvae_composer.algorithms import EMA, EquivarianceAlgorithm
+from eqvae_composer.algorithms.ema import explain_unresumable_ema_checkpoint
 from eqvae_composer.algorithms.equivariance import check_target_size
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
@@ -77,7 +78,7 @@ log = logging.getLogger(__name__)
 # Composer's are for classifiers or language models and would break an autoencoder's batch or loss.
 ALGORITHMS: dict[str, type[Algorithm]] = {
     'equivariance': EquivarianceAlgorithm,
-    'ema': EMA,
+    'ema': EMA,  # Composer's, with its copy of the weights checkpointed from every rank under FSDP2
     'gradient_clipping': GradientClipping,
 }
 # URI schemes Composer can upload checkpoints to (RemoteUploader) and load them from (get_file).
@@ -615,7 +616,8 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     # allow; Composer's forced sync all-reduces the gradients there are after the last microbatch.
     ddp_sync_strategy = 'forced_sync' if cfg.optimizer.gan_updates == GANUpdates.alternating else None
 
-    trainer = Trainer(
+    # A checkpoint of Composer's own EMA under FSDP cannot be resumed: one clear error instead of a crash.
+    trainer = explain_unresumable_ema_checkpoint(_checkpoint_to_resume(cfg))(Trainer)(
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
@@ -649,6 +651,14 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         trainer.fit()
         _finish(cfg, trainer)
     return trainer
+
+
+def _checkpoint_to_resume(cfg: TrainConfig) -> str:
+    """The checkpoint the Trainer will load, for messages: autoresume's latest one when there is one, else load_path."""
+    latest = os.path.join(cfg.save_folder or '', 'latest-rank0.pt')
+    if cfg.autoresume and os.path.lexists(latest):
+        return latest
+    return cfg.load_path or latest
 
 
 def _restore_rng_mid_epoch(trainer: Trainer) -> None:

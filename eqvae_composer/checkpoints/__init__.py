@@ -1,6 +1,7 @@
 """Loading autoencoders from any supported format, exporting them, and measuring their latent scale."""
 
 from eqvae_composer.checkpoints.composer_state import (
+    EMA_COPY_CALLBACK,
     AutoencoderConfigRecorder,
     composer_vae_state,
     full_vae,
@@ -30,6 +31,7 @@ from eqvae_composer.checkpoints.taming import (
 )
 
 __all__ = [
+    'EMA_COPY_CALLBACK',
     'SD_VAE_CONFIG',
     'AutoencoderConfigRecorder',
     'AutoencoderLoadError',

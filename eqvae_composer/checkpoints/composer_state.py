@@ -9,8 +9,10 @@ Where things are in a Composer checkpoint (``torch.load(path)['state']``):
   its averages *into* the model before every checkpoint, so with ``ema_weights_active`` the model
   holds the EMA weights and ``ema_model`` the raw ones; otherwise the other way round. Before
   ``ema_start`` (``ema_started`` false) ``ema_model`` is a copy of the initial weights, not an average.
-  Under FSDP2 the copies are DTensors, and a sharded checkpoint keeps rank 0's shard of them only
-  (Composer pickles the algorithms' state whole, from rank 0: see ``sharded.py``).
+  Under FSDP2 the copies are DTensors, which Composer pickles whole, from rank 0 (rank 0's shard only:
+  see ``sharded.py``). This project's ``EMA`` (``eqvae_composer.algorithms.ema``) therefore leaves
+  ``ema_model`` out of its state there and saves the copies under ``state['callbacks']['EMACopy']``
+  (``EMA_COPY_CALLBACK``), the same two dicts, every rank's shard of them.
 * ``state['callbacks'][name]``: callbacks' ``state_dict()``; ``AutoencoderConfigRecorder`` stores the
   VAE's diffusers config there, with its ``_class_name`` as in ``config.json``, so a checkpoint
   carries its own architecture.
@@ -31,6 +33,7 @@ from eqvae_composer.introspection import unwrap_model
 from eqvae_composer.padding import apply_recorded_padding_mode, resume_padding_mode, tolerate_padding_key
 
 __all__ = [
+    'EMA_COPY_CALLBACK',
     'VAE_PREFIX',
     'AutoencoderConfigRecorder',
     'composer_vae_state',
@@ -42,6 +45,8 @@ __all__ = [
 
 #: Where ``ComposerAutoencoderKL`` keeps the diffusers VAE in its state dict.
 VAE_PREFIX = 'autoencoder.vae.'
+#: The callback (its class name) under whose state this project's ``EMA`` saves its copy of FSDP2-sharded weights.
+EMA_COPY_CALLBACK = 'EMACopy'
 # Name components that wrappers insert into parameter names: FSDP1 and activation checkpointing wrap
 # submodules anywhere in the tree, torch.compile (`_orig_mod`) the model or any submodule. DDP's `module`
 # wraps only the outermost model, and `module` may be a real submodule's name: only leading ones are DDP's.
@@ -94,11 +99,14 @@ def is_composer_checkpoint(obj: Any) -> bool:
     return isinstance(model, Mapping) and any(_clean_name(k).startswith(VAE_PREFIX) for k in model)
 
 
-def _ema_state(algorithms: Any) -> Mapping[str, Any] | None:
+def _ema_state(algorithms: Any, callbacks: Mapping[str, Any] | None = None) -> Mapping[str, Any] | None:
     for name, algorithm_state in algorithms or ():
+        if name != EMA.__name__:
+            continue
+        copy = algorithm_state.get('ema_model') or (callbacks or {}).get(EMA_COPY_CALLBACK)
         # Before `ema_start`, EMA holds a copy of the initial weights, not an average: no EMA weights yet.
-        if name == EMA.__name__ and algorithm_state.get('ema_model') and algorithm_state.get('ema_started', True):
-            return algorithm_state
+        if copy and algorithm_state.get('ema_started', True):
+            return {**algorithm_state, 'ema_model': copy}
     return None
 
 
@@ -114,7 +122,7 @@ def composer_vae_state(checkpoint: Mapping[str, Any], ema: bool = True) -> tuple
         ``(state_dict, 'EMA' | 'raw')``.
     """
     state = checkpoint['state']
-    return _select(state['model'], _ema_state(state.get('algorithms')), ema)
+    return _select(state['model'], _ema_state(state.get('algorithms'), state.get('callbacks')), ema)
 
 
 def _select(
@@ -170,6 +178,20 @@ def full_vae(model: torch.nn.Module) -> torch.nn.Module:
     return _standalone(unwrap_model(model).vae, _vae_part(_full_model_state(model)))
 
 
+def _saved_ema_state(algorithm: EMA) -> dict[str, Any]:
+    """``algorithm.state_dict()`` as Composer's ``EMA`` writes it, copy included (this project's ``EMA`` leaves
+    the copy of FSDP2-sharded weights to a callback)."""
+    copy = algorithm.ema_model
+    return {
+        'ema_model': {
+            'named_parameters_dict': copy.named_parameters_dict,
+            'named_buffers_dict': copy.named_buffers_dict,
+        },
+        'ema_weights_active': algorithm.ema_weights_active,
+        'ema_started': algorithm.ema_started,
+    }
+
+
 def trained_autoencoder(state: State, ema: bool = True) -> tuple[torch.nn.Module, str]:
     """Like ``full_vae(state.model)``, with the EMA weights when the Trainer runs Composer's ``EMA``.
 
@@ -184,8 +206,7 @@ def trained_autoencoder(state: State, ema: bool = True) -> tuple[torch.nn.Module
         ``(vae, 'EMA' | 'raw')``.
     """
     # As Composer lists them in a checkpoint, so that a run's EMA reads the same in and out of one.
-    algorithms = [
-        (EMA.__name__, a.state_dict()) for a in state.algorithms if isinstance(a, EMA) and a.ema_model is not None
-    ]
+    emas = [a for a in state.algorithms if isinstance(a, EMA) and a.ema_model is not None]
+    algorithms = [(EMA.__name__, _saved_ema_state(a)) for a in emas]
     vae_state, which = _select(_full_model_state(state.model), _ema_state(algorithms), ema)
     return _standalone(unwrap_model(state.model).vae, vae_state), which

@@ -222,8 +222,8 @@ def load_composer_checkpoint(
 
     Raises:
         AutoencoderLoadError: unreadable file or folder, not a Composer checkpoint of this project,
-            weights that do not match the architecture (keys and shapes listed), or weights that a
-            sharded checkpoint holds only in part (the raw weights of an FSDP run with EMA).
+            weights that do not match the architecture (keys and shapes listed), or weights that an
+            FSDP checkpoint holds only in part (EMA's copy, saved by Composer's own ``EMA``).
     """
     name = 'Composer checkpoint' if isinstance(checkpoint, Mapping) else str(checkpoint)
     obj = checkpoint if isinstance(checkpoint, Mapping) else _read_composer_checkpoint(checkpoint)
@@ -233,9 +233,10 @@ def load_composer_checkpoint(
     if any(isinstance(v, DTensor) for v in state.values()):
         other = 'ema=False (scripts/export.py --raw)' if ema else 'ema=True (scripts/export.py without --raw)'
         raise AutoencoderLoadError(
-            f"{name}: its {which} weights are incomplete. Composer's EMA keeps them in the algorithms' state, which "
-            "an FSDP sharded checkpoint saves from rank 0 alone, with rank 0's shard of each tensor. The model's "
-            f'weights are complete: load those with {other}, or save full checkpoints (fsdp.state_dict_type: full).',
+            f"{name}: its {which} weights are incomplete. Composer's own EMA keeps them in the algorithms' state, "
+            "which an FSDP checkpoint saves from rank 0 alone, with rank 0's shard of each tensor. The model's "
+            f'weights are complete: load those with {other}. Runs with algorithms.ema of this project '
+            "(eqvae_composer.algorithms.EMA) save every rank's shard.",
         )
     vae = _build(state, _default_config(config, subfolder, recorded_vae_config(obj)), name)
     log.info('loaded the %s weights of %s', which, name)

@@ -8,7 +8,8 @@ state to dotted keys (``state.model.autoencoder.vae.encoder.conv_in.weight``): e
 its ranks' shards and reassembled on load; every other value (the algorithms list, each callback
 setting) is pickled whole and written once, by rank 0.
 
-Export needs only the model's tensors, the algorithms (EMA) and the recorded VAE config; the Adam
+Export needs only the model's tensors, the algorithms (EMA), the EMA copy this project's ``EMA`` saves
+as a callback's state (``EMA_COPY_CALLBACK``, every rank's shard) and the recorded VAE config; the Adam
 moments (twice the model's size), the RNG and the rest stay on disk.
 """
 
@@ -25,12 +26,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
-from eqvae_composer.checkpoints.composer_state import AutoencoderConfigRecorder
+from eqvae_composer.checkpoints.composer_state import EMA_COPY_CALLBACK, AutoencoderConfigRecorder
 
 __all__ = ['is_sharded_checkpoint', 'read_sharded_checkpoint']
 
 # The DCP keys export reads (prefixes of the flattened names).
-_EXPORT_KEYS = ('state.model.', 'state.algorithms', f'state.callbacks.{AutoencoderConfigRecorder.__name__}.')
+_EXPORT_KEYS = (
+    'state.model.',
+    'state.algorithms',
+    f'state.callbacks.{AutoencoderConfigRecorder.__name__}.',
+    f'state.callbacks.{EMA_COPY_CALLBACK}.',
+)
 
 
 class _WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
@@ -71,8 +77,8 @@ def read_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Returns:
         ``{'state': {'model': {...}, 'algorithms': [...], 'callbacks': {...}}}`` with full (unsharded)
-        model tensors. Values that Composer pickles whole (the algorithms' state) keep whatever
-        they held on rank 0: a DTensor there holds rank 0's shard only.
+        tensors. Values that Composer pickles whole (the algorithms' state) keep whatever they held
+        on rank 0: a DTensor there (Composer's own ``EMA`` under FSDP2) holds rank 0's shard only.
 
     Raises:
         Exception: whatever ``torch.distributed.checkpoint`` raises for a missing index or a missing
