@@ -47,8 +47,6 @@ DIFFUSION_MAY_IMPORT = (
     'eqvae_composer.config',
     'eqvae_composer.registry',
     'eqvae_composer.callbacks.checkpointing',
-    'eqvae_composer.weights',
-    'eqvae_composer.evaluation.fid',
 )
 
 
