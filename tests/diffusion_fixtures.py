@@ -17,7 +17,9 @@ from tests.data_fixtures import photo
 NUM_CLASSES = 4
 
 
-def make_latents(root: Path, count: int = 16, resolution: int = 32, size_limit: int = 1 << 12) -> tuple[Path, Path]:
+def make_latents(
+    root: Path, count: int = 16, resolution: int = 32, size_limit: int = 1 << 12, flip: bool = False
+) -> tuple[Path, Path]:
     """``count`` photos in 4 classes, encoded by a tiny SD-shaped f8 VAE: ``(latent folder, VAE folder)``."""
     torch.manual_seed(0)
     vae_dir = root / 'vae'
@@ -29,7 +31,10 @@ def make_latents(root: Path, count: int = 16, resolution: int = 32, size_limit: 
             writer.write({'x': image, 'y': i % NUM_CLASSES})
     out = root / 'latents'
     encode_latents(
-        str(vae_dir), str(images), str(out), EncodeOptions(resolution=resolution, dtype='float32', progress=False)
+        str(vae_dir),
+        str(images),
+        str(out),
+        EncodeOptions(resolution=resolution, dtype='float32', flip=flip, progress=False),
     )
     return out, vae_dir
 
