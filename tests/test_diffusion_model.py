@@ -159,3 +159,19 @@ def test_the_reference_yamls_are_valid_b2_recipes(name, objective, depth, width)
     config = dit_config(cfg.network.name, 4, 32, cfg.num_classes, learn_sigma=objective == 'ddpm')
     assert (config['num_layers'], config['num_attention_heads'] * config['attention_head_dim']) == (depth, width)
     assert config['patch_size'] == 2 and config['out_channels'] == (8 if objective == 'ddpm' else 4)
+
+
+def test_the_readme_example_trains_on_encoded_latents(latents, tmp_path, monkeypatch):  # noqa: F811
+    import re
+
+    folder, _ = latents
+    (tmp_path / 'mds').mkdir()
+    (tmp_path / 'mds' / 'latents-train').symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    text = (REPO / 'README.md').read_text()
+    start = text.index('## The diffusion probe')
+    block = re.findall(r'```python\n(.*?)```', text[start : text.index('\n## ', start + 1)], flags=re.S)[0]
+    namespace: dict = {}
+    exec(compile(block, 'README.md', 'exec'), namespace)
+    assert int(namespace['trainer'].state.timestamp.batch) == 2
+    assert namespace['trainer'].state.eval_metric_values['ValLoss'] > 0
