@@ -218,6 +218,10 @@ def _check(cfg: DiffusionTrainConfig, world_size: int) -> int:
         raise ConfigError(
             'the `fsdp` section holds FSDP2 settings: launch with FSDP_VERSION=2 (or drop `fsdp` for DDP).'
         )
+    if cfg.fsdp is not None and 'ema' in cfg.algorithms:
+        # Composer 0.32's EMA copies plain tensors into FSDP2's sharded (DTensor) parameters at the first
+        # evaluation or checkpoint and fails there ("got mixed torch.Tensor and DTensor").
+        raise ConfigError('algorithms.ema does not work with `fsdp` (Composer 0.32 EMA and FSDP2): drop one of them.')
     return per_device
 
 
