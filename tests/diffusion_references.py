@@ -144,3 +144,63 @@ class DiTGaussianDiffusion:
         terms['mse'] = mean_flat((noise - model_output) ** 2)
         terms['loss'] = terms['mse'] + terms['vb']
         return terms
+
+
+# tkarras/progressive_growing_of_gans metrics/sliced_wasserstein.py (numpy + scipy), the parts that do not
+# draw random numbers: the pyramid, the descriptors' normalization, and the distance for given directions.
+gaussian_filter = (
+    np.float32([[1, 4, 6, 4, 1], [4, 16, 24, 16, 4], [6, 24, 36, 24, 6], [4, 16, 24, 16, 4], [1, 4, 6, 4, 1]]) / 256.0
+)
+
+
+def pyr_down(minibatch):  # matches cv2.pyrDown()
+    import scipy.ndimage
+
+    assert minibatch.ndim == 4
+    return scipy.ndimage.convolve(minibatch, gaussian_filter[np.newaxis, np.newaxis, :, :], mode='mirror')[
+        :, :, ::2, ::2
+    ]
+
+
+def pyr_up(minibatch):  # matches cv2.pyrUp()
+    import scipy.ndimage
+
+    assert minibatch.ndim == 4
+    S = minibatch.shape
+    res = np.zeros((S[0], S[1], S[2] * 2, S[3] * 2), minibatch.dtype)
+    res[:, :, ::2, ::2] = minibatch
+    return scipy.ndimage.convolve(res, gaussian_filter[np.newaxis, np.newaxis, :, :] * 4.0, mode='mirror')
+
+
+def generate_laplacian_pyramid(minibatch, num_levels):
+    pyramid = [np.float32(minibatch)]
+    for _i in range(1, num_levels):
+        pyramid.append(pyr_down(pyramid[-1]))
+        pyramid[-2] -= pyr_up(pyramid[-1])
+    return pyramid
+
+
+def finalize_descriptors(desc):
+    if isinstance(desc, list):
+        desc = np.concatenate(desc, axis=0)
+    assert desc.ndim == 4  # (neighborhood, channel, height, width)
+    desc -= np.mean(desc, axis=(0, 2, 3), keepdims=True)
+    desc /= np.std(desc, axis=(0, 2, 3), keepdims=True)
+    desc = desc.reshape(desc.shape[0], -1)
+    return desc
+
+
+def sliced_wasserstein_given(A, B, dirs_list):
+    """``sliced_wasserstein(A, B, dir_repeats, dirs_per_repeat)`` with its ``np.random.randn`` draws given."""
+    assert A.ndim == 2 and A.shape == B.shape  # (neighborhood, descriptor_component)
+    results = []
+    for dirs in dirs_list:
+        dirs = dirs / np.sqrt(np.sum(np.square(dirs), axis=0, keepdims=True))  # normalize descriptor components
+        dirs = dirs.astype(np.float32)
+        projA = np.matmul(A, dirs)  # (neighborhood, dir)
+        projB = np.matmul(B, dirs)
+        projA = np.sort(projA, axis=0)  # sort neighborhood projections
+        projB = np.sort(projB, axis=0)
+        dists = np.abs(projA - projB)  # pointwise wasserstein distances
+        results.append(np.mean(dists))  # average over neighborhoods and directions
+    return np.mean(results)  # average over repeats

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,23 @@ def test_swd_is_zero_for_identical_sets_and_grows_with_the_perturbation():
     assert values[0] < values[1] < values[2]
     assert set(swd(images, images, **kwargs)) == {'swd_32', 'swd_16', 'swd_avg'}
     assert not math.isnan(values[0])
+
+
+def test_swd_pieces_equal_progressive_gans_numpy_code():
+    from eqvae_composer.diffusion.swd import _normalize, laplacian_pyramid, patch_descriptors, sliced_wasserstein
+    from tests import diffusion_references as ref
+
+    images = torch.rand(3, 3, 32, 32)
+    ours = laplacian_pyramid(images, 3)
+    theirs = ref.generate_laplacian_pyramid(images.numpy(), 3)
+    for a, b in zip(ours, theirs):
+        assert np.allclose(a.numpy(), b, atol=1e-5)
+    desc_a = patch_descriptors(ours[0], 7, 16, torch.Generator().manual_seed(0))
+    desc_b = patch_descriptors(ours[1], 7, 16, torch.Generator().manual_seed(1))[: len(desc_a)]
+    assert desc_a.shape == (48, 3, 7, 7)
+    norm_a, norm_b = ref.finalize_descriptors(desc_a.numpy().copy()), ref.finalize_descriptors(desc_b.numpy().copy())
+    assert np.allclose(_normalize(desc_a).numpy(), norm_a, atol=1e-5)
+    rng = np.random.default_rng(0)
+    dirs = [rng.standard_normal((147, 32)) for _ in range(4)]
+    value = sliced_wasserstein(_normalize(desc_a), _normalize(desc_b), directions=[torch.from_numpy(d) for d in dirs])
+    assert float(value) == pytest.approx(float(ref.sliced_wasserstein_given(norm_a, norm_b, dirs)), rel=1e-5)

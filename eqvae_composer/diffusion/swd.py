@@ -83,15 +83,20 @@ def sliced_wasserstein(
     dir_repeats: int = 4,
     dirs_per_repeat: int = 128,
     generator: torch.Generator | None = None,
+    directions: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean over random unit directions of the 1-D Wasserstein-1 distance between projections of ``a`` and ``b``.
 
-    ``a`` and ``b`` are ``(N, D)`` point sets of the same size.
+    ``a`` and ``b`` are ``(N, D)`` point sets of the same size. ``directions``: one ``(D, k)`` Gaussian draw
+    per repeat, normalized here (default: drawn from ``generator``).
     """
     results = []
-    for _ in range(dir_repeats):
-        dirs = torch.randn(a.shape[1], dirs_per_repeat, generator=generator, dtype=torch.float64).to(a)
-        dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    for repeat in range(dir_repeats if directions is None else len(directions)):
+        if directions is None:
+            dirs = torch.randn(a.shape[1], dirs_per_repeat, generator=generator, dtype=torch.float64)
+        else:
+            dirs = directions[repeat].double()
+        dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(a)
         proj_a, proj_b = _sorted_rows(dirs.T @ a.T), _sorted_rows(dirs.T @ b.T)
         results.append((proj_a - proj_b).abs().mean())
     return torch.stack(results).mean()
