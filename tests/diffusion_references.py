@@ -204,3 +204,10 @@ def sliced_wasserstein_given(A, B, dirs_list):
         dists = np.abs(projA - projB)  # pointwise wasserstein distances
         results.append(np.mean(dists))  # average over neighborhoods and directions
     return np.mean(results)  # average over repeats
+
+
+def dit_p_sample(diffusion, model, x, t, noise, clip_denoised=False):
+    """DiT's ``GaussianDiffusion.p_sample`` (no cond_fn) with its ``th.randn_like(x)`` given as ``noise``."""
+    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+    nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))  # no noise when t == 0
+    return out['mean'] + nonzero_mask * th.exp(0.5 * out['log_variance']) * noise

@@ -163,3 +163,19 @@ def test_swd_pieces_equal_progressive_gans_numpy_code():
     dirs = [rng.standard_normal((147, 32)) for _ in range(4)]
     value = sliced_wasserstein(_normalize(desc_a), _normalize(desc_b), directions=[torch.from_numpy(d) for d in dirs])
     assert float(value) == pytest.approx(float(ref.sliced_wasserstein_given(norm_a, norm_b, dirs)), rel=1e-5)
+
+
+@pytest.mark.parametrize('step', [999, 500, 1, 0])
+def test_a_ddpm_step_is_dits_p_sample_with_the_learned_variance(step):
+    from tests.diffusion_references import dit_p_sample
+
+    torch.manual_seed(0)
+    x, out = torch.randn(2, 4, 4, 4), torch.randn(2, 8, 4, 4).clamp(-1, 1)
+    scheduler = ddpm_scheduler('ddpm', learn_sigma=True)
+    scheduler.set_timesteps(1000)  # every step: no respacing
+    ours = scheduler.step(out, step, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.full((2,), step)
+    theirs = dit_p_sample(DiTGaussianDiffusion(), lambda *_: out, x, t, noise)
+    # diffusers keeps its tables in float32, DiT in float64: 2e-4 apart at t = 1, where 1 - alpha_bar is smallest.
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
