@@ -161,6 +161,12 @@ def test_the_reference_yamls_are_valid_b2_recipes(name, objective, depth, width)
     config = dit_config(cfg.network.name, 4, 32, cfg.num_classes, learn_sigma=objective == 'ddpm')
     assert (config['num_layers'], config['num_attention_heads'] * config['attention_head_dim']) == (depth, width)
     assert config['patch_size'] == 2 and config['out_channels'] == (8 if objective == 'ddpm' else 4)
+    # Every algorithm and callback it names builds.
+    from eqvae_composer.config import instantiate
+    from eqvae_composer.diffusion.train import ALGORITHMS, DIFFUSION_CALLBACKS
+
+    assert len(instantiate(ALGORITHMS, 'algorithms', cfg.algorithms)) == 1
+    assert len(instantiate(DIFFUSION_CALLBACKS, 'callbacks', cfg.callbacks)) == 3
 
 
 def test_the_readme_example_trains_on_encoded_latents(latents, tmp_path, monkeypatch):  # noqa: F811
