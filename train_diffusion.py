@@ -1,4 +1,4 @@
-"""Train the diffusion probe on latents: ``composer train_diffusion.py yamls/diffusion-<name>.yaml [key=value ...]``."""
+"""Train the diffusion probe on latents: ``composer train_diffusion.py yamls/diffusion/<name>.yaml [key=value ...]``."""
 
 import sys
 

@@ -1,6 +1,6 @@
 """Sample a trained diffusion probe and score it: gFID (Inception, offline-safe) and SWD against held-out images.
 
-    python scripts/eval_diffusion.py yamls/diffusion-sit-b2.yaml --checkpoint runs/.../ep0-ba400000-rank0.pt \\
+    python scripts/eval_diffusion.py yamls/diffusion/sit-b2.yaml --checkpoint runs/.../ep0-ba400000-rank0.pt \\
         --references data/imagenet/val --num-samples 50000 --out runs/sit-b2/quality.json
 
 The YAML is the run's (the network and objective to rebuild); the checkpoint's model weights are the EMA's

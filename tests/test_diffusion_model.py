@@ -154,9 +154,13 @@ def test_config_errors_name_the_key(latents, tmp_path, overrides, message, monke
         train(_cfg(folder, tmp_path, **overrides), fit=False)
 
 
+def test_every_diffusion_yaml_is_checked():
+    assert sorted(path.name for path in (REPO / 'yamls' / 'diffusion').glob('*.yaml')) == ['dit-b2.yaml', 'sit-b2.yaml']
+
+
 @pytest.mark.parametrize('name, objective, depth, width', [('sit-b2', 'flow', 12, 768), ('dit-b2', 'ddpm', 12, 768)])
 def test_the_reference_yamls_are_valid_b2_recipes(name, objective, depth, width):
-    cfg = load_config(REPO / 'yamls' / f'diffusion-{name}.yaml')
+    cfg = load_config(REPO / 'yamls' / 'diffusion' / f'{name}.yaml')
     assert cfg.objective.kind == objective and cfg.global_train_batch_size == 256 and cfg.max_duration == '400000ba'
     config = dit_config(cfg.network.name, 4, 32, cfg.num_classes, learn_sigma=objective == 'ddpm')
     assert (config['num_layers'], config['num_attention_heads'] * config['attention_head_dim']) == (depth, width)

@@ -81,7 +81,7 @@ class DiffusionOptimizerConfig:
 
 @dataclass
 class DiffusionTrainConfig:
-    """The whole run; see ``yamls/diffusion-sit-b2.yaml`` for the reference recipe with comments."""
+    """The whole run; see ``yamls/diffusion/sit-b2.yaml`` for the reference recipe with comments."""
 
     num_classes: int = MISSING
     network: NetworkConfig = field(default_factory=NetworkConfig)
