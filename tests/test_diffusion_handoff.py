@@ -41,14 +41,14 @@ def test_repa_reads_our_posterior_and_images_and_scales_as_we_do(latents, tmp_pa
     for i in range(16):
         image, moments, label = theirs[i]
         raw = ours.get_item(i)
-        assert torch.equal(moments, torch.cat([torch.from_numpy(raw['mean']), torch.from_numpy(raw['std'])]))
+        assert torch.equal(moments, torch.cat([torch.tensor(raw['mean']), torch.tensor(raw['std'])]))
         assert int(label) == int(raw['label']) and image.shape == (3, 32, 32) and image.dtype == torch.uint8
         # Their posterior sample, scaled by handoff.json's values, is ours for the same noise.
         torch.manual_seed(i)
         z = repa_sample_posterior(moments[None], handoff['latents_scale'], handoff['latents_bias'])
         torch.manual_seed(i)
         noise = torch.randn(1, *metadata['latent_shape'])
-        mean, std = torch.from_numpy(raw['mean']), torch.from_numpy(raw['std'])
+        mean, std = torch.tensor(raw['mean']), torch.tensor(raw['std'])
         expected = (mean + std * noise - ours.shift_factor) * ours.scaling_factor
         assert torch.allclose(z, expected, atol=1e-6)
     # The images are the centre crops the latents were encoded from.
