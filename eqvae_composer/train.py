@@ -21,8 +21,7 @@ from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.core import Algorithm
 from composer.utils import dist, get_device, parse_uri, reproducibility
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+from omegaconf import MISSING, DictConfig
 
 from eqvae_composer.algorithms import EMA, EquivarianceAlgorithm
 from eqvae_composer.algorithms.ema import explain_unresumable_ema_checkpoint
@@ -30,16 +29,18 @@ from eqvae_composer.algorithms.equivariance import check_target_size
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
     NaNGuard,
-    RestoreRNGMidEpoch,
     ResumableCheckpointSaver,
 )
+from eqvae_composer.callbacks.checkpointing import restore_rng_mid_epoch
 from eqvae_composer.checkpoints import (
     AutoencoderConfigRecorder,
     export_diffusers,
     load_autoencoder,
     trained_autoencoder,
 )
-from eqvae_composer.compat import forget_loaded_rng_state, loaded_rng_state
+from eqvae_composer.config import ConfigError, load_structured, validate_structured
+from eqvae_composer.config import config_key as _config_key
+from eqvae_composer.config import instantiate as _instantiate
 from eqvae_composer.data.dataset import EmptyDatasetError, build_image_dataloader, check_local_dataset
 from eqvae_composer.introspection import adapter_for, adapter_of_kind, vae_downsample_factor
 from eqvae_composer.models import (
@@ -84,10 +85,6 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 # URI schemes Composer can upload checkpoints to (RemoteUploader) and load them from (get_file).
 SAVE_SCHEMES = ('s3', 'gs', 'oci', 'azure', 'libcloud', 'dbfs')
 LOAD_SCHEMES = (*SAVE_SCHEMES, 'http', 'https')
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 class AutoencoderKind(str, enum.Enum):
@@ -251,43 +248,11 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
     """Load a YAML, apply ``key=value`` overrides and check it against ``TrainConfig``."""
-    if not Path(path).is_file():
-        raise ConfigError(f'config file {path} does not exist.')
-    raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
-    return _validate(raw)
+    return load_structured(TrainConfig, path, overrides)
 
 
 def _validate(raw: DictConfig | dict) -> TrainConfig:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
-        cfg = OmegaConf.to_object(merged)
-    except ConfigKeyError as error:
-        raise ConfigError(f'unknown config key {error.full_key!r} ({error.msg.splitlines()[0]}).') from None
-    except MissingMandatoryValue as error:
-        raise ConfigError(f'missing required config value {error.full_key!r}.') from None
-    except ValidationError as error:
-        raise ConfigError(f'invalid value for config key {error.full_key!r}: {error.msg.splitlines()[0]}') from None
-    assert isinstance(cfg, TrainConfig)
-    return cfg
-
-
-def _instantiate(registry: dict[str, type], section: str, specs: dict[str, dict[str, Any]]) -> list:
-    objects = []
-    for name, kwargs in specs.items():
-        if name not in registry:
-            raise ConfigError(f'unknown {section} {name!r}; known: {sorted(registry)}.')
-        try:
-            objects.append(registry[name](**(kwargs or {})))
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f'{_config_key(f"{section}.{name}", kwargs, error)}: {error}') from None
-    return objects
-
-
-def _config_key(prefix: str, kwargs: dict[str, Any] | None, error: Exception) -> str:
-    """``prefix.<argument>`` when the error message starts with one of the given arguments' names."""
-    message = str(error)
-    named = [k for k in (kwargs or {}) if message.startswith(str(k))]
-    return f'{prefix}.{max(named, key=len)}' if named else prefix
+    return validate_structured(TrainConfig, raw)
 
 
 def _check_kind_settings(cfg: ModelConfig) -> None:
@@ -646,7 +611,7 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         progress_bar=cfg.progress_bar,
         log_to_console=not cfg.progress_bar,
     )
-    _restore_rng_mid_epoch(trainer)
+    restore_rng_mid_epoch(trainer)
     if fit:
         trainer.fit()
         _finish(cfg, trainer)
@@ -659,15 +624,6 @@ def _checkpoint_to_resume(cfg: TrainConfig) -> str:
     if cfg.autoresume and os.path.lexists(latest):
         return latest
     return cfg.load_path or latest
-
-
-def _restore_rng_mid_epoch(trainer: Trainer) -> None:
-    """Hand the loaded checkpoint's RNG to ``RestoreRNGMidEpoch`` when Composer would drop it (see there)."""
-    rng_state = loaded_rng_state(trainer)
-    timestamp, resumption = trainer.state.timestamp, trainer.state.dataset_resumption
-    if rng_state is not None and int(timestamp.batch_in_epoch) > 0 and 'train' in resumption:
-        trainer.state.callbacks.insert(0, RestoreRNGMidEpoch(rng_state))
-        forget_loaded_rng_state(trainer)
 
 
 def _loader_kwargs(loader: LoaderConfig, train: bool, seed: int) -> dict[str, Any]:

@@ -37,3 +37,32 @@ def test_evaluation_imports_only_the_functional_transforms():
         for path, names in _imports('evaluation').items()
     }
     assert not {path: names for path, names in offending.items() if names}
+
+
+# The diffusion probe reads what the autoencoder side writes (latents + latents.json, an exported VAE)
+# and shares only neutral plumbing; the autoencoder side knows nothing of it.
+DIFFUSION_MAY_IMPORT = (
+    'eqvae_composer.diffusion',
+    'eqvae_composer.latents',
+    'eqvae_composer.config',
+    'eqvae_composer.registry',
+    'eqvae_composer.callbacks.checkpointing',
+)
+
+
+def test_the_autoencoder_side_never_imports_the_diffusion_probe():
+    found = {
+        path: sorted(n for n in names if n.startswith('eqvae_composer.diffusion'))
+        for path, names in _imports('.').items()
+        if not path.startswith('diffusion')
+    }
+    assert found and not {path: names for path, names in found.items() if names}
+
+
+def test_the_diffusion_probe_imports_no_autoencoder_training_code():
+    modules = _imports('diffusion')
+    offending = {
+        path: sorted(n for n in names if n.startswith('eqvae_composer') and not n.startswith(DIFFUSION_MAY_IMPORT))
+        for path, names in modules.items()
+    }
+    assert modules and not {path: names for path, names in offending.items() if names}

@@ -33,14 +33,27 @@ import os
 import re
 from typing import Any
 
+from composer import Trainer
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State, Timestamp
 from composer.loggers import Logger
 from composer.utils import PartialFilePath, dist, format_name_with_dist, reproducibility
 
-from eqvae_composer.compat import SaveCheckpointHook, rename_saved_checkpoint, save_checkpoint_unlinked
+from eqvae_composer.compat import (
+    SaveCheckpointHook,
+    forget_loaded_rng_state,
+    loaded_rng_state,
+    rename_saved_checkpoint,
+    save_checkpoint_unlinked,
+)
 
-__all__ = ['PARTIAL_PREFIX', 'RestoreRNGMidEpoch', 'ResumableCheckpointSaver', 'list_checkpoints']
+__all__ = [
+    'PARTIAL_PREFIX',
+    'RestoreRNGMidEpoch',
+    'ResumableCheckpointSaver',
+    'list_checkpoints',
+    'restore_rng_mid_epoch',
+]
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +195,12 @@ class RestoreRNGMidEpoch(Callback):
         if self.rng_state is not None:
             reproducibility.load_rng_state(self.rng_state)
             self.rng_state = None
+
+
+def restore_rng_mid_epoch(trainer: Trainer) -> None:
+    """Hand the loaded checkpoint's RNG to ``RestoreRNGMidEpoch`` when Composer would drop it (see there)."""
+    rng_state = loaded_rng_state(trainer)
+    timestamp, resumption = trainer.state.timestamp, trainer.state.dataset_resumption
+    if rng_state is not None and int(timestamp.batch_in_epoch) > 0 and 'train' in resumption:
+        trainer.state.callbacks.insert(0, RestoreRNGMidEpoch(rng_state))
+        forget_loaded_rng_state(trainer)

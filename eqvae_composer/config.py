@@ -1,0 +1,66 @@
+"""YAML configs checked against a dataclass schema, and ``{name: kwargs}`` sections built from registries.
+
+Shared by the training entry points (``eqvae_composer.train`` for the autoencoder,
+``eqvae_composer.diffusion.train`` for the diffusion probe), which know nothing of each other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+__all__ = ['ConfigError', 'config_key', 'instantiate', 'load_structured', 'validate_structured']
+
+Schema = TypeVar('Schema')
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+def validate_structured(schema: type[Schema], raw: DictConfig | dict) -> Schema:
+    """``raw`` merged onto ``schema``'s defaults; an unknown key, missing value or wrong type is a ``ConfigError``."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigKeyError as error:
+        raise ConfigError(f'unknown config key {error.full_key!r} ({error.msg.splitlines()[0]}).') from None
+    except MissingMandatoryValue as error:
+        raise ConfigError(f'missing required config value {error.full_key!r}.') from None
+    except ValidationError as error:
+        raise ConfigError(f'invalid value for config key {error.full_key!r}: {error.msg.splitlines()[0]}') from None
+    assert isinstance(cfg, schema)
+    return cfg
+
+
+def load_structured(schema: type[Schema], path: str | os.PathLike, overrides: Sequence[str] = ()) -> Schema:
+    """Load a YAML, apply ``key=value`` overrides and check it against ``schema``."""
+    if not Path(path).is_file():
+        raise ConfigError(f'config file {path} does not exist.')
+    raw = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    return validate_structured(schema, raw)
+
+
+def instantiate(registry: dict[str, type], section: str, specs: dict[str, dict[str, Any]]) -> list:
+    """One object per ``{name: kwargs}`` entry of a YAML section, by name from ``registry``."""
+    objects = []
+    for name, kwargs in specs.items():
+        if name not in registry:
+            raise ConfigError(f'unknown {section} {name!r}; known: {sorted(registry)}.')
+        try:
+            objects.append(registry[name](**(kwargs or {})))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f'{config_key(f"{section}.{name}", kwargs, error)}: {error}') from None
+    return objects
+
+
+def config_key(prefix: str, kwargs: dict[str, Any] | None, error: Exception) -> str:
+    """``prefix.<argument>`` when the error message starts with one of the given arguments' names."""
+    message = str(error)
+    named = [k for k in (kwargs or {}) if message.startswith(str(k))]
+    return f'{prefix}.{max(named, key=len)}' if named else prefix

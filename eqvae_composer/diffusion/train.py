@@ -1,0 +1,285 @@
+"""YAML -> objects -> ``composer.Trainer`` for the diffusion probe: the library side of ``train_diffusion.py``.
+
+The same shape as ``eqvae_composer.train``: a dataclass schema (a misspelt key is an error naming it),
+``train(cfg) -> Trainer`` for tests, ``train_from_yaml(path, overrides)`` for the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from composer import Trainer
+from composer.algorithms import EMA, GradientClipping
+from composer.core import Algorithm
+from composer.utils import dist, get_device, parse_uri, reproducibility
+from omegaconf import MISSING, DictConfig
+from streaming import StreamingDataLoader
+
+from eqvae_composer.callbacks.checkpointing import ResumableCheckpointSaver, restore_rng_mid_epoch
+from eqvae_composer.config import ConfigError, instantiate, load_structured, validate_structured
+from eqvae_composer.diffusion.callbacks import SampleGridCallback
+from eqvae_composer.diffusion.model import ComposerLatentDiffusion, Objective
+from eqvae_composer.diffusion.network import build_dit, dit_config
+from eqvae_composer.latents import StreamingLatentDataset
+from eqvae_composer.registry import CALLBACKS, LOGGERS, SCHEDULERS
+
+__all__ = ['DiffusionTrainConfig', 'build_model', 'load_config', 'train', 'train_from_yaml']
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS: dict[str, type[Algorithm]] = {'ema': EMA, 'gradient_clipping': GradientClipping}
+# Composer's callbacks and ours; the autoencoder's image grid has no place here.
+DIFFUSION_CALLBACKS = {**{k: v for k, v in CALLBACKS.items() if k != 'image_grid'}, 'sample_grid': SampleGridCallback}
+
+
+@dataclass
+class NetworkConfig:
+    """``name``: ``DiT-<S|B|L|XL>/<2|4|8>``; ``overrides``: other ``DiTTransformer2DModel`` arguments."""
+
+    name: str = 'DiT-B/2'
+    overrides: dict[str, Any] = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    """``kind``: ``flow`` (SiT: linear path, velocity) or ``ddpm`` (DiT: epsilon, learned variance)."""
+
+    kind: Objective = Objective.flow
+    label_dropout: float = 0.1
+    learn_sigma: bool | None = None  # ddpm only: DiT's learned variance range (None: True)
+    num_timesteps: int = 1000  # ddpm only
+    eval_levels: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    eval_seed: int = 0
+
+
+@dataclass
+class LatentLoaderConfig:
+    """A dataloader over ``StreamingLatentDataset``; ``dataset`` holds its kwargs (``local``, ``remote``, ...)."""
+
+    dataset: dict[str, Any] = MISSING
+    num_workers: int = 0
+    pin_memory: bool = False
+    prefetch_factor: int | None = None
+    persistent_workers: bool = False
+
+
+@dataclass
+class DiffusionOptimizerConfig:
+    """AdamW; DiT and SiT train with lr 1e-4, no weight decay, constant lr."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    fused: bool = True
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """The whole run; see ``yamls/diffusion/sit-b2.yaml`` for the reference recipe with comments."""
+
+    num_classes: int = MISSING
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train_loader: LatentLoaderConfig = MISSING
+    eval_loader: LatentLoaderConfig | None = None
+    optimizer: DiffusionOptimizerConfig = field(default_factory=DiffusionOptimizerConfig)
+    max_duration: str = MISSING
+    global_train_batch_size: int = MISSING
+    device_train_microbatch_size: int | None = None
+    device_eval_batch_size: int = 32
+    eval_interval: str = '1ep'
+    precision: str | None = None  # None: amp_bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    run_name: str | None = None
+    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fsdp: dict[str, Any] | None = None
+    save_folder: str | None = None
+    save_interval: str = '1ep'
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: str | None = None
+    console_log_interval: str = '1ba'
+    progress_bar: bool = False
+    variables: dict[str, Any] = field(default_factory=dict)  # free-form, for ${variables.x} interpolation
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> DiffusionTrainConfig:
+    """Load a YAML, apply ``key=value`` overrides and check it against ``DiffusionTrainConfig``."""
+    return load_structured(DiffusionTrainConfig, path, overrides)
+
+
+def build_model(cfg: DiffusionTrainConfig, latent_shape: Sequence[int]) -> ComposerLatentDiffusion:
+    """The ComposerModel for latents of ``latent_shape`` ``(C, h, w)``."""
+    channels, height, width = latent_shape
+    if height != width:
+        raise ConfigError(f'the latents are {height}x{width}: DiT takes square latents.')
+    objective = Objective(cfg.objective.kind)
+    learn_sigma = objective == Objective.ddpm and cfg.objective.learn_sigma is not False
+    try:
+        config = dit_config(
+            cfg.network.name, channels, height, cfg.num_classes, learn_sigma=learn_sigma, **cfg.network.overrides
+        )
+        network = build_dit(config)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f'network: {error}') from None
+    if cfg.network.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    try:
+        return ComposerLatentDiffusion(
+            network,
+            objective=objective,
+            num_classes=cfg.num_classes,
+            label_dropout=cfg.objective.label_dropout,
+            num_timesteps=cfg.objective.num_timesteps,
+            eval_levels=tuple(cfg.objective.eval_levels),
+            eval_seed=cfg.objective.eval_seed,
+        )
+    except ValueError as error:
+        raise ConfigError(f'objective: {error}') from None
+
+
+def _loader(loader: LatentLoaderConfig, batch_size: int, train: bool, seed: int, name: str) -> StreamingDataLoader:
+    kwargs = dict(loader.dataset)
+    kwargs.setdefault('batch_size', batch_size)
+    kwargs.setdefault('shuffle', train)
+    kwargs.setdefault('shuffle_seed', seed)
+    if not train:
+        kwargs.setdefault('sample_posterior', False)  # the validation loss needs the same latents every time
+        kwargs.setdefault('flip', 'never')
+    try:
+        dataset = StreamingLatentDataset(**kwargs)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        raise ConfigError(f'{name}.dataset: {error}') from None
+    extra: dict[str, Any] = {}
+    if loader.num_workers > 0:
+        extra = {'prefetch_factor': loader.prefetch_factor, 'persistent_workers': loader.persistent_workers}
+    return StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=loader.num_workers,
+        drop_last=train,
+        pin_memory=loader.pin_memory,
+        **extra,
+    )
+
+
+def _checkpoint_saver(cfg: DiffusionTrainConfig) -> ResumableCheckpointSaver | None:
+    if cfg.save_folder is None:
+        return None
+    filename, latest = 'ep{epoch}-ba{batch}-rank{rank}.pt', 'latest-rank{rank}.pt'
+    _, _, path = parse_uri(cfg.save_folder)
+    remote, remote_latest = (filename, latest) if path == '' else (f'{path}/{filename}', f'{path}/{latest}')
+    return ResumableCheckpointSaver(
+        folder=cfg.save_folder,
+        filename=filename,
+        remote_file_name=remote,
+        latest_filename=latest,
+        latest_remote_file_name=remote_latest,
+        overwrite=cfg.save_overwrite,
+        save_interval=cfg.save_interval,
+        num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        autoresume=cfg.autoresume,
+    )
+
+
+def _check(cfg: DiffusionTrainConfig, world_size: int) -> int:
+    """Cheap checks before any data is opened; returns the per-device batch size."""
+    if cfg.num_classes < 1:
+        raise ConfigError(f'num_classes must be at least 1, got {cfg.num_classes} (1 for an unlabelled dataset).')
+    if cfg.global_train_batch_size % world_size:
+        raise ConfigError(
+            f'global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {world_size} processes.'
+        )
+    per_device = cfg.global_train_batch_size // world_size
+    micro = cfg.device_train_microbatch_size
+    if micro is not None and per_device % micro:
+        raise ConfigError(
+            f'the per-device batch {per_device} is not divisible by device_train_microbatch_size {micro}.'
+        )
+    if cfg.objective.kind == Objective.flow and cfg.objective.learn_sigma is not None:
+        raise ConfigError('objective.learn_sigma applies to objective.kind ddpm only: remove it.')
+    if cfg.autoresume and (cfg.save_folder is None or not cfg.run_name):
+        raise ConfigError(
+            'autoresume needs save_folder and a fixed run_name (so a restarted run finds its checkpoints).'
+        )
+    if cfg.load_path is not None and not parse_uri(cfg.load_path)[0] and not os.path.exists(cfg.load_path):
+        raise ConfigError(f'load_path {cfg.load_path!r} does not exist.')
+    if cfg.fsdp is not None and os.environ.get('FSDP_VERSION') != '2':
+        raise ConfigError(
+            'the `fsdp` section holds FSDP2 settings: launch with FSDP_VERSION=2 (or drop `fsdp` for DDP).'
+        )
+    if cfg.fsdp is not None and 'ema' in cfg.algorithms:
+        # Composer 0.32's EMA copies plain tensors into FSDP2's sharded (DTensor) parameters at the first
+        # evaluation or checkpoint and fails there ("got mixed torch.Tensor and DTensor").
+        raise ConfigError('algorithms.ema does not work with `fsdp` (Composer 0.32 EMA and FSDP2): drop one of them.')
+    return per_device
+
+
+def train(cfg: DiffusionTrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
+    """Build the Trainer for ``cfg`` and run it (``fit``); return the Trainer."""
+    if not isinstance(cfg, DiffusionTrainConfig):
+        cfg = validate_structured(DiffusionTrainConfig, cfg)
+    per_device_batch = _check(cfg, dist.get_world_size())
+    precision = cfg.precision or ('amp_bf16' if torch.cuda.is_available() else 'fp32')
+    algorithms = instantiate(ALGORITHMS, 'algorithms', cfg.algorithms)
+    callbacks = instantiate(DIFFUSION_CALLBACKS, 'callbacks', cfg.callbacks)
+    loggers = instantiate(LOGGERS, 'loggers', cfg.loggers)
+    schedulers = instantiate(SCHEDULERS, 'schedulers', cfg.schedulers)
+    saver = _checkpoint_saver(cfg)
+
+    dist.initialize_dist(get_device(None))  # before the datasets, as eqvae_composer.train explains
+    train_loader = _loader(cfg.train_loader, per_device_batch, True, cfg.seed, 'train_loader')
+    eval_loader = None
+    if cfg.eval_loader is not None:
+        eval_loader = _loader(cfg.eval_loader, cfg.device_eval_batch_size, False, cfg.seed, 'eval_loader')
+    reproducibility.seed_all(cfg.seed)  # the network's initialisation is part of the run
+    model = build_model(cfg, train_loader.dataset.metadata['latent_shape'])
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optimizer.lr,
+        betas=tuple(cfg.optimizer.betas),
+        weight_decay=cfg.optimizer.weight_decay,
+        fused=True if cfg.optimizer.fused else None,
+    )
+    trainer = Trainer(
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=eval_loader,
+        eval_interval=cfg.eval_interval if eval_loader is not None else 0,
+        optimizers=optimizer,
+        schedulers=schedulers,
+        max_duration=cfg.max_duration,
+        device_train_microbatch_size=cfg.device_train_microbatch_size or per_device_batch,
+        precision=precision,
+        seed=cfg.seed,
+        run_name=cfg.run_name,
+        algorithms=algorithms,
+        callbacks=[*callbacks, *([saver] if saver is not None else [])],
+        loggers=loggers,
+        parallelism_config={'fsdp': dict(cfg.fsdp)} if cfg.fsdp is not None else None,
+        save_folder=cfg.save_folder,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        console_log_interval=cfg.console_log_interval,
+        progress_bar=cfg.progress_bar,
+        log_to_console=not cfg.progress_bar,
+    )
+    restore_rng_mid_epoch(trainer)
+    if fit:
+        trainer.fit()
+    return trainer
+
+
+def train_from_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Trainer:
+    """``train(load_config(path, overrides))``."""
+    return train(load_config(path, overrides))
