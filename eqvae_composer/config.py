@@ -14,7 +14,15 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
-__all__ = ['ConfigError', 'config_key', 'instantiate', 'load_structured', 'validate_structured']
+__all__ = [
+    'ConfigError',
+    'check_fsdp_version',
+    'config_key',
+    'instantiate',
+    'load_structured',
+    'per_device_batch_size',
+    'validate_structured',
+]
 
 Schema = TypeVar('Schema')
 
@@ -64,3 +72,33 @@ def config_key(prefix: str, kwargs: dict[str, Any] | None, error: Exception) -> 
     message = str(error)
     named = [k for k in (kwargs or {}) if message.startswith(str(k))]
     return f'{prefix}.{max(named, key=len)}' if named else prefix
+
+
+def per_device_batch_size(global_batch_size: int, microbatch_size: int | None, world_size: int) -> int:
+    """``global_train_batch_size`` split over ``world_size`` processes, checked against the microbatch size.
+
+    Raises:
+        ConfigError: the global batch does not split evenly, or the per-device batch not into microbatches.
+    """
+    if global_batch_size % world_size:
+        raise ConfigError(
+            f'global_train_batch_size {global_batch_size} is not divisible by the {world_size} processes.',
+        )
+    per_device = global_batch_size // world_size
+    if microbatch_size is not None and per_device % microbatch_size:
+        raise ConfigError(
+            f'the per-device batch {per_device} (global_train_batch_size / {world_size} processes) is not divisible '
+            f'by device_train_microbatch_size {microbatch_size}.',
+        )
+    return per_device
+
+
+def check_fsdp_version(fsdp: dict[str, Any] | None, entry_point: str = 'train.py') -> None:
+    """``fsdp`` holds FSDP2 settings; Composer 0.32 reads them as FSDP2 only with ``FSDP_VERSION=2`` (else FSDP1)."""
+    version = os.environ.get('FSDP_VERSION')
+    if fsdp is not None and version != '2':
+        raise ConfigError(
+            'the `fsdp` section holds FSDP2 settings, which Composer applies only with FSDP_VERSION=2 in the '
+            f'environment (FSDP_VERSION is {"unset" if version is None else repr(version)}). Launch with: '
+            f'FSDP_VERSION=2 composer -n <processes> {entry_point} <config.yaml> (or drop `fsdp` for DDP).',
+        )

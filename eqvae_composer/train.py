@@ -31,14 +31,20 @@ from eqvae_composer.callbacks import (
     NaNGuard,
     ResumableCheckpointSaver,
 )
-from eqvae_composer.callbacks.checkpointing import restore_rng_mid_epoch
+from eqvae_composer.callbacks.checkpointing import checkpoint_saver, restore_rng_mid_epoch
 from eqvae_composer.checkpoints import (
     AutoencoderConfigRecorder,
     export_diffusers,
     load_autoencoder,
     trained_autoencoder,
 )
-from eqvae_composer.config import ConfigError, load_structured, validate_structured
+from eqvae_composer.config import (
+    ConfigError,
+    check_fsdp_version,
+    load_structured,
+    per_device_batch_size,
+    validate_structured,
+)
 from eqvae_composer.config import config_key as _config_key
 from eqvae_composer.config import instantiate as _instantiate
 from eqvae_composer.data.dataset import EmptyDatasetError, build_image_dataloader, check_local_dataset
@@ -418,32 +424,6 @@ def build_optimizer(model: GANAutoencoderModel, cfg: OptimizerConfig) -> torch.o
     return torch.optim.Adam(groups, fused=fused)
 
 
-def _check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
-    if cfg.global_train_batch_size % world_size:
-        raise ConfigError(
-            f'global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {world_size} processes.',
-        )
-    per_device = cfg.global_train_batch_size // world_size
-    micro = cfg.device_train_microbatch_size
-    if micro is not None and per_device % micro:
-        raise ConfigError(
-            f'the per-device batch {per_device} (global_train_batch_size / {world_size} processes) is not divisible '
-            f'by device_train_microbatch_size {micro}.',
-        )
-    return per_device
-
-
-def _check_fsdp_version(cfg: TrainConfig) -> None:
-    """``fsdp`` holds FSDP2 settings; Composer 0.32 reads them as FSDP2 only with ``FSDP_VERSION=2`` (else FSDP1)."""
-    version = os.environ.get('FSDP_VERSION')
-    if cfg.fsdp is not None and version != '2':
-        raise ConfigError(
-            'the `fsdp` section holds FSDP2 settings, which Composer applies only with FSDP_VERSION=2 in the '
-            f'environment (FSDP_VERSION is {"unset" if version is None else repr(version)}). Launch with: '
-            'FSDP_VERSION=2 composer -n <processes> train.py <config.yaml> (or drop `fsdp` for DDP).',
-        )
-
-
 def _check_paths(cfg: TrainConfig) -> None:
     """Data folders exist and hold samples (or are remote), checkpoints can be saved: before anything is loaded."""
     for name, loader in (('train_loader', cfg.train_loader), ('eval_loader', cfg.eval_loader)):
@@ -504,23 +484,8 @@ def _check_target_sizes(cfg: TrainConfig, model: GANAutoencoderModel, algorithms
 
 
 def _checkpoint_saver(cfg: TrainConfig) -> ResumableCheckpointSaver | None:
-    """The Trainer's own ``CheckpointSaver`` arguments (composer 0.32 ``Trainer.__init__``), crash-consistent."""
-    if cfg.save_folder is None:
-        return None
-    filename, latest = 'ep{epoch}-ba{batch}-rank{rank}.pt', 'latest-rank{rank}.pt'
-    _, _, path = parse_uri(cfg.save_folder)
-    # As the Trainer: a bare bucket URI puts the files at the bucket's root.
-    remote, remote_latest = (filename, latest) if path == '' else (str(Path(path) / filename), str(Path(path) / latest))
-    return ResumableCheckpointSaver(
-        folder=cfg.save_folder,
-        filename=filename,
-        remote_file_name=remote,
-        latest_filename=latest,
-        latest_remote_file_name=remote_latest,
-        overwrite=cfg.save_overwrite,
-        save_interval=cfg.save_interval,
-        num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        autoresume=cfg.autoresume,
+    return checkpoint_saver(
+        cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, cfg.save_overwrite, cfg.autoresume
     )
 
 
@@ -536,9 +501,11 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     if not isinstance(cfg, TrainConfig):
         cfg = _validate(cfg)
     # Cheap checks first: a typo must not cost an SD-VAE load (or a data download).
-    per_device_batch = _check_batch_sizes(cfg, dist.get_world_size())
+    per_device_batch = per_device_batch_size(
+        cfg.global_train_batch_size, cfg.device_train_microbatch_size, dist.get_world_size()
+    )
     precision = _precision(cfg)
-    _check_fsdp_version(cfg)
+    check_fsdp_version(cfg.fsdp)
     if cfg.eval_loader is not None and cfg.eval_loader.drop_last:
         raise ConfigError('eval_loader.drop_last: evaluation must see every sample; remove the setting.')
     _check_paths(cfg)

@@ -31,13 +31,14 @@ import contextlib
 import logging
 import os
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 from composer import Trainer
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State, Timestamp
 from composer.loggers import Logger
-from composer.utils import PartialFilePath, dist, format_name_with_dist, reproducibility
+from composer.utils import PartialFilePath, dist, format_name_with_dist, parse_uri, reproducibility
 
 from eqvae_composer.compat import (
     SaveCheckpointHook,
@@ -51,6 +52,7 @@ __all__ = [
     'PARTIAL_PREFIX',
     'RestoreRNGMidEpoch',
     'ResumableCheckpointSaver',
+    'checkpoint_saver',
     'list_checkpoints',
     'restore_rng_mid_epoch',
 ]
@@ -204,3 +206,35 @@ def restore_rng_mid_epoch(trainer: Trainer) -> None:
     if rng_state is not None and int(timestamp.batch_in_epoch) > 0 and 'train' in resumption:
         trainer.state.callbacks.insert(0, RestoreRNGMidEpoch(rng_state))
         forget_loaded_rng_state(trainer)
+
+
+def checkpoint_saver(
+    save_folder: str | None,
+    save_interval: str,
+    num_checkpoints_to_keep: int,
+    overwrite: bool,
+    autoresume: bool,
+) -> ResumableCheckpointSaver | None:
+    """The Trainer's own ``CheckpointSaver`` arguments (composer 0.32 ``Trainer.__init__``), crash-consistent.
+
+    None without a ``save_folder``. Rank-suffixed file names, as the Trainer's, so autoresume finds them.
+    """
+    if save_folder is None:
+        return None
+    filename, latest = 'ep{epoch}-ba{batch}-rank{rank}.pt', 'latest-rank{rank}.pt'
+    _, _, path = parse_uri(save_folder)
+    # As the Trainer: a bare bucket URI puts the files at the bucket's root.
+    remote, remote_latest = (
+        (filename, latest) if path == '' else (str(PurePosixPath(path) / filename), str(PurePosixPath(path) / latest))
+    )
+    return ResumableCheckpointSaver(
+        folder=save_folder,
+        filename=filename,
+        remote_file_name=remote,
+        latest_filename=latest,
+        latest_remote_file_name=remote_latest,
+        overwrite=overwrite,
+        save_interval=save_interval,
+        num_checkpoints_to_keep=num_checkpoints_to_keep,
+        autoresume=autoresume,
+    )

@@ -20,8 +20,15 @@ from composer.utils import dist, get_device, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig
 from streaming import StreamingDataLoader
 
-from eqvae_composer.callbacks.checkpointing import ResumableCheckpointSaver, restore_rng_mid_epoch
-from eqvae_composer.config import ConfigError, instantiate, load_structured, validate_structured
+from eqvae_composer.callbacks.checkpointing import checkpoint_saver, restore_rng_mid_epoch
+from eqvae_composer.config import (
+    ConfigError,
+    check_fsdp_version,
+    instantiate,
+    load_structured,
+    per_device_batch_size,
+    validate_structured,
+)
 from eqvae_composer.diffusion.callbacks import SampleGridCallback
 from eqvae_composer.diffusion.model import ComposerLatentDiffusion, Objective
 from eqvae_composer.diffusion.network import build_dit, dit_config
@@ -173,39 +180,11 @@ def _loader(loader: LatentLoaderConfig, batch_size: int, train: bool, seed: int,
     )
 
 
-def _checkpoint_saver(cfg: DiffusionTrainConfig) -> ResumableCheckpointSaver | None:
-    if cfg.save_folder is None:
-        return None
-    filename, latest = 'ep{epoch}-ba{batch}-rank{rank}.pt', 'latest-rank{rank}.pt'
-    _, _, path = parse_uri(cfg.save_folder)
-    remote, remote_latest = (filename, latest) if path == '' else (f'{path}/{filename}', f'{path}/{latest}')
-    return ResumableCheckpointSaver(
-        folder=cfg.save_folder,
-        filename=filename,
-        remote_file_name=remote,
-        latest_filename=latest,
-        latest_remote_file_name=remote_latest,
-        overwrite=cfg.save_overwrite,
-        save_interval=cfg.save_interval,
-        num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        autoresume=cfg.autoresume,
-    )
-
-
 def _check(cfg: DiffusionTrainConfig, world_size: int) -> int:
     """Cheap checks before any data is opened; returns the per-device batch size."""
     if cfg.num_classes < 1:
         raise ConfigError(f'num_classes must be at least 1, got {cfg.num_classes} (1 for an unlabelled dataset).')
-    if cfg.global_train_batch_size % world_size:
-        raise ConfigError(
-            f'global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {world_size} processes.'
-        )
-    per_device = cfg.global_train_batch_size // world_size
-    micro = cfg.device_train_microbatch_size
-    if micro is not None and per_device % micro:
-        raise ConfigError(
-            f'the per-device batch {per_device} is not divisible by device_train_microbatch_size {micro}.'
-        )
+    per_device = per_device_batch_size(cfg.global_train_batch_size, cfg.device_train_microbatch_size, world_size)
     if cfg.objective.kind == Objective.flow and cfg.objective.learn_sigma is not None:
         raise ConfigError('objective.learn_sigma applies to objective.kind ddpm only: remove it.')
     if cfg.autoresume and (cfg.save_folder is None or not cfg.run_name):
@@ -214,10 +193,7 @@ def _check(cfg: DiffusionTrainConfig, world_size: int) -> int:
         )
     if cfg.load_path is not None and not parse_uri(cfg.load_path)[0] and not os.path.exists(cfg.load_path):
         raise ConfigError(f'load_path {cfg.load_path!r} does not exist.')
-    if cfg.fsdp is not None and os.environ.get('FSDP_VERSION') != '2':
-        raise ConfigError(
-            'the `fsdp` section holds FSDP2 settings: launch with FSDP_VERSION=2 (or drop `fsdp` for DDP).'
-        )
+    check_fsdp_version(cfg.fsdp, 'train_diffusion.py')
     if cfg.fsdp is not None and 'ema' in cfg.algorithms:
         # Composer 0.32's EMA copies plain tensors into FSDP2's sharded (DTensor) parameters at the first
         # evaluation or checkpoint and fails there ("got mixed torch.Tensor and DTensor").
@@ -235,7 +211,9 @@ def train(cfg: DiffusionTrainConfig | DictConfig | dict, fit: bool = True) -> Tr
     callbacks = instantiate(DIFFUSION_CALLBACKS, 'callbacks', cfg.callbacks)
     loggers = instantiate(LOGGERS, 'loggers', cfg.loggers)
     schedulers = instantiate(SCHEDULERS, 'schedulers', cfg.schedulers)
-    saver = _checkpoint_saver(cfg)
+    saver = checkpoint_saver(
+        cfg.save_folder, cfg.save_interval, cfg.save_num_checkpoints_to_keep, cfg.save_overwrite, cfg.autoresume
+    )
 
     dist.initialize_dist(get_device(None))  # before the datasets, as eqvae_composer.train explains
     train_loader = _loader(cfg.train_loader, per_device_batch, True, cfg.seed, 'train_loader')
