@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 COMPOSER := $(VENV)/bin/composer -n 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint experiment clean gpu-wheels gpu-check gpu-check-dry
+.PHONY: install demo test test-fast lint experiment downstream clean gpu-wheels gpu-check gpu-check-dry
 
 # Exact pins (requirements/constraints.txt) keep pip's resolver from backtracking for minutes.
 $(INSTALLED): setup.py requirements/constraints.txt
@@ -37,6 +37,12 @@ lint: install
 
 experiment: install
 	$(PY) scripts/replicate.py
+
+# A diffusion model on the latents of the replication's control and eq VAEs (scripts/downstream.py; docs/RESULTS.md,
+# Downstream). It reads the testbed replication: scripts/replicate.py --photos testbed --out $(DOWNSTREAM_RUNS).
+DOWNSTREAM_RUNS ?= runs/replicate-testbed
+downstream: install
+	$(PY) scripts/downstream.py --runs $(DOWNSTREAM_RUNS)
 
 # The GPU check (docs/OPERATIONS.md, "Checking on a GPU"): the wheels it carries, downloaded here; the
 # check itself, on the GPU machine (no install: its image has torch, .whl/ the rest); its CPU dry run.

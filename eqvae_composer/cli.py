@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from eqvae_composer.algorithms.ema import UnresumableEMACheckpointError
 from eqvae_composer.checkpoints import AutoencoderLoadError
 from eqvae_composer.data.dataset import EmptyDatasetError
+from eqvae_composer.ema import UnresumableEMACheckpointError
 from eqvae_composer.train import ConfigError
 from eqvae_composer.weights import MissingWeightsError
 

@@ -24,7 +24,6 @@ from composer.utils import dist, get_device, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig
 
 from eqvae_composer.algorithms import EMA, EquivarianceAlgorithm
-from eqvae_composer.algorithms.ema import explain_unresumable_ema_checkpoint
 from eqvae_composer.algorithms.equivariance import check_target_size
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
@@ -48,6 +47,7 @@ from eqvae_composer.config import (
 from eqvae_composer.config import config_key as _config_key
 from eqvae_composer.config import instantiate as _instantiate
 from eqvae_composer.data.dataset import EmptyDatasetError, build_image_dataloader, check_local_dataset
+from eqvae_composer.ema import explain_unresumable_ema_checkpoint
 from eqvae_composer.introspection import adapter_for, adapter_of_kind, vae_downsample_factor
 from eqvae_composer.models import (
     AlternatingAdam,

@@ -1,4 +1,5 @@
-"""train_diffusion.py under the composer launcher: two CPU processes (gloo, DDP) train on one latent dataset."""
+"""train_diffusion.py under the composer launcher: two CPU processes (gloo; DDP, or FSDP2 with EMA) train on one
+latent dataset."""
 
 import os
 import subprocess
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from tests.diffusion_fixtures import NUM_CLASSES, latents  # noqa: F401  (fixture, used by name)
 from tests.test_diffusion_model import TINY
@@ -29,6 +32,8 @@ def test_two_processes_train_evaluate_and_checkpoint(latents, tmp_path, mode):  
         'eval_interval': '2ba',
         'callbacks': {'sample_grid': grid},
         'fsdp': {} if mode == 'fsdp' else None,
+        # Under FSDP2 the EMA's copy is sharded too: it must swap in for the evaluation and the grid, and be saved.
+        'algorithms': {'ema': {'half_life': '1ba'}} if mode == 'fsdp' else {},
         'max_duration': '2ba',
         'global_train_batch_size': 4,
         'save_folder': str(tmp_path / 'ckpt'),
@@ -45,5 +50,9 @@ def test_two_processes_train_evaluate_and_checkpoint(latents, tmp_path, mode):  
     if mode == 'ddp':  # one monolithic checkpoint, written by rank 0
         state = torch.load(tmp_path / 'ckpt' / 'ep0-ba2-rank0.pt', weights_only=False)['state']
         assert any(k.startswith('transformer.') for k in state['model'])
-    else:  # torch.distributed.checkpoint's folder of shards
-        assert (tmp_path / 'ckpt' / 'ep0-ba2').is_dir()
+    else:  # torch.distributed.checkpoint's folder of shards, with every rank's shard of the EMA's copy
+        folder = tmp_path / 'ckpt' / 'ep0-ba2'
+        assert sorted(p.name for p in folder.glob('*.distcp')) == ['__0_0.distcp', '__1_0.distcp']
+        keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        ema_keys = [k for k in keys if k.startswith('state.callbacks.EMACopy.named_parameters_dict.')]
+        assert ema_keys and all(isinstance(keys[k], TensorStorageMetadata) for k in ema_keys)

@@ -143,7 +143,6 @@ def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_runs_weights(latent
         ({'network': {'name': 'DiT-M/2'}}, "network: unknown network 'DiT-M/2'"),
         ({'objective': {'learn_sigma': False}}, 'objective.learn_sigma applies to objective.kind ddpm only'),
         ({'callbacks': {'sample_grids': {}}}, "unknown callbacks 'sample_grids'"),
-        ({'fsdp': {}, 'algorithms': {'ema': {}}}, 'algorithms.ema does not work with `fsdp`'),
         ({'train_loader': {'dataset': {'local': '/nonexistent/latents'}}}, 'train_loader.dataset: '),
     ],
 )

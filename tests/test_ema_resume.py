@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 from streaming.base.util import clean_stale_shared_memory
 
-from eqvae_composer.algorithms.ema import EMA, EMACopy, UnresumableEMACheckpointError
 from eqvae_composer.checkpoints import EMA_COPY_CALLBACK, AutoencoderLoadError
 from eqvae_composer.cli import USER_ERRORS
+from eqvae_composer.ema import EMA, EMACopy, UnresumableEMACheckpointError
 from tests.test_checkpoints_composer import run_export_script
 from tests.test_train import write_mds
 

@@ -47,6 +47,7 @@ DIFFUSION_MAY_IMPORT = (
     'eqvae_composer.config',
     'eqvae_composer.registry',
     'eqvae_composer.callbacks.checkpointing',
+    'eqvae_composer.ema',
 )
 
 

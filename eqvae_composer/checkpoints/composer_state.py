@@ -10,7 +10,7 @@ Where things are in a Composer checkpoint (``torch.load(path)['state']``):
   holds the EMA weights and ``ema_model`` the raw ones; otherwise the other way round. Before
   ``ema_start`` (``ema_started`` false) ``ema_model`` is a copy of the initial weights, not an average.
   Under FSDP2 the copies are DTensors, which Composer pickles whole, from rank 0 (rank 0's shard only:
-  see ``sharded.py``). This project's ``EMA`` (``eqvae_composer.algorithms.ema``) therefore leaves
+  see ``sharded.py``). This project's ``EMA`` (``eqvae_composer.ema``) therefore leaves
   ``ema_model`` out of its state there and saves the copies under ``state['callbacks']['EMACopy']``
   (``EMA_COPY_CALLBACK``), the same two dicts, every rank's shard of them.
 * ``state['callbacks'][name]``: callbacks' ``state_dict()``; ``AutoencoderConfigRecorder`` stores the

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from composer import Trainer
-from composer.algorithms import EMA, GradientClipping
+from composer.algorithms import GradientClipping
 from composer.core import Algorithm
 from composer.utils import dist, get_device, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig
@@ -32,6 +32,7 @@ from eqvae_composer.config import (
 from eqvae_composer.diffusion.callbacks import SampleGridCallback
 from eqvae_composer.diffusion.model import ComposerLatentDiffusion, Objective
 from eqvae_composer.diffusion.network import build_dit, dit_config
+from eqvae_composer.ema import EMA
 from eqvae_composer.latents import StreamingLatentDataset
 from eqvae_composer.registry import CALLBACKS, LOGGERS, SCHEDULERS
 
@@ -39,6 +40,7 @@ __all__ = ['DiffusionTrainConfig', 'build_model', 'load_config', 'train', 'train
 
 log = logging.getLogger(__name__)
 
+# The project's EMA, not Composer's: Composer 0.32's fails under FSDP2 and checkpoints rank 0's shard only.
 ALGORITHMS: dict[str, type[Algorithm]] = {'ema': EMA, 'gradient_clipping': GradientClipping}
 # Composer's callbacks and ours; the autoencoder's image grid has no place here.
 DIFFUSION_CALLBACKS = {**{k: v for k, v in CALLBACKS.items() if k != 'image_grid'}, 'sample_grid': SampleGridCallback}
@@ -194,10 +196,6 @@ def _check(cfg: DiffusionTrainConfig, world_size: int) -> int:
     if cfg.load_path is not None and not parse_uri(cfg.load_path)[0] and not os.path.exists(cfg.load_path):
         raise ConfigError(f'load_path {cfg.load_path!r} does not exist.')
     check_fsdp_version(cfg.fsdp, 'train_diffusion.py')
-    if cfg.fsdp is not None and 'ema' in cfg.algorithms:
-        # Composer 0.32's EMA copies plain tensors into FSDP2's sharded (DTensor) parameters at the first
-        # evaluation or checkpoint and fails there ("got mixed torch.Tensor and DTensor").
-        raise ConfigError('algorithms.ema does not work with `fsdp` (Composer 0.32 EMA and FSDP2): drop one of them.')
     return per_device
 
 

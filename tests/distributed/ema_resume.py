@@ -31,8 +31,8 @@ from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
 from eqvae_composer import train as train_module
-from eqvae_composer.algorithms.ema import EMA, UnresumableEMACheckpointError
 from eqvae_composer.checkpoints import trained_autoencoder
+from eqvae_composer.ema import EMA, UnresumableEMACheckpointError
 from eqvae_composer.train import train
 from tests.test_train import run_config
 
