@@ -1,5 +1,6 @@
-"""Features that users run together, through ``train()``: the transform menu, the loss menu, reflection padding
-and EMA, stopped mid-epoch and resumed, end where an uninterrupted run ends, bit for bit.
+"""Features that users run together: the transform menu, the loss menu, reflection padding and EMA (with joint or
+alternating GAN updates, gradient checkpointing), stopped mid-epoch and resumed through ``train()``, end where an
+uninterrupted run ends, bit for bit; reflection padding's smallest latent; a decoder stage with checkpointing.
 
 The decoder-only stage with EMA under FSDP2 and DDP is in tests/test_ema_resume.py (its 2-rank launch).
 """
@@ -12,8 +13,12 @@ from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from eqvae_composer import ComposerAutoencoderKL, VAEGANLoss
 from eqvae_composer.algorithms import EMA, EquivarianceAlgorithm
+from eqvae_composer.algorithms.equivariance import Branch
 from eqvae_composer.checkpoints import load_autoencoder, trained_autoencoder
+from eqvae_composer.models import AlternatingAdam
+from eqvae_composer.models.trainable import freeze_except
 from eqvae_composer.padding import PADDING_CONFIG_KEY, padded_convolutions, set_padding_mode, smallest_image_side
 from eqvae_composer.train import ConfigError, train
 from tests.conftest import tiny_vae
@@ -26,7 +31,7 @@ MENU = {'scale_rotate': 1.0, 'hflip': 0.5, 'crop': 0.5, 'translate': 0.5}
 SCALES = [0.5, 0.75]
 
 
-def _menu_config(tmp_path, train_dir, case: str, max_batches: int):
+def _menu_config(tmp_path, train_dir, case: str, max_batches: int, gan_updates: str):
     cfg = run_config(
         tmp_path,
         train_dir,
@@ -35,7 +40,10 @@ def _menu_config(tmp_path, train_dir, case: str, max_batches: int):
         model={
             'vae': {'padding_mode': 'reflect'},
             'loss': {'l1_weight': 1.0, 'l2_weight': 0.5, 'ssim_weight': 0.5},
+            # The reference's alternating passes recompute the VAE: with checkpointing, three times.
+            'gradient_checkpointing': gan_updates == 'alternating',
         },
+        optimizer={'gan_updates': gan_updates},
         device_train_microbatch_size=2,  # two draws per batch
         eval_loader=None,
         metrics_file=None,
@@ -64,21 +72,27 @@ def _end_state(trainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_menus_with_reflection_padding_and_ema_resume_mid_epoch_bit_identical(tmp_path, mds):  # noqa: F811
+@pytest.mark.parametrize('gan_updates', ['joint', 'alternating'])
+def test_menus_with_reflection_padding_and_ema_resume_mid_epoch_bit_identical(tmp_path, mds, gan_updates):  # noqa: F811
     train_dir = mds[0]
-    uninterrupted = train(_menu_config(tmp_path, train_dir, 'uninterrupted', MAX_BATCHES))
+    uninterrupted = train(_menu_config(tmp_path, train_dir, 'uninterrupted', MAX_BATCHES, gan_updates))
     expected = _end_state(uninterrupted)
     algorithm = next(a for a in uninterrupted.state.algorithms if isinstance(a, EquivarianceAlgorithm))
-    drawn = {type(algorithm.draw(uninterrupted.state.seed, b, m)[1]).__name__ for b in range(4) for m in range(2)}
+    passes = (0, 1) if gan_updates == 'alternating' else (0,)  # the discriminator's pass draws its own
+    draws = [
+        algorithm.draw(uninterrupted.state.seed, b, m, p) for b in range(MAX_BATCHES) for m in (0, 1) for p in passes
+    ]
+    drawn = {type(tau).__name__ for branch, tau in draws if branch == Branch.EQUIVARIANCE}
 
-    stopped = train(_menu_config(tmp_path, train_dir, 'resumed', STOP_AT))
+    stopped = train(_menu_config(tmp_path, train_dir, 'resumed', STOP_AT, gan_updates))
     assert int(stopped.state.timestamp.batch) == STOP_AT
-    resumed = train(_menu_config(tmp_path, train_dir, 'resumed', MAX_BATCHES), fit=False)
+    resumed = train(_menu_config(tmp_path, train_dir, 'resumed', MAX_BATCHES, gan_updates), fit=False)
     assert int(resumed.state.timestamp.batch) == STOP_AT  # it resumed from the checkpoint
     resumed.fit()
     got = _end_state(resumed)
 
-    assert len(drawn) >= 2, drawn  # the run drew from the menu, not only the paper's tau
+    assert drawn - {'SpatialTransform'}, drawn  # the run drew from the menu, not only the paper's tau
+    assert isinstance(resumed.state.optimizers[0], AlternatingAdam) == (gan_updates == 'alternating')
     assert got.keys() == expected.keys()
     differ = [k for k in expected if not torch.equal(expected[k], got[k])]
     assert not differ, differ[:5]
@@ -125,3 +139,20 @@ def test_the_reflection_minimum_is_two_latent_cells_and_only_with_reflection():
     vae.decode(x)  # two cells decode ...
     with pytest.raises(RuntimeError, match='Padding size should be less'):
         vae.decode(x[..., :1, :1])  # ... one does not
+
+
+def test_a_decoder_stage_with_gradient_checkpointing_has_the_same_gradients_and_none_for_the_encoder():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    grads = []
+    for checkpointing in (False, True):
+        vae = tiny_vae()
+        freeze_except(vae, 'decoder')
+        loss = VAEGANLoss(lpips_weight=0, disc_num_filters=8, disc_num_layers=1)
+        model = ComposerAutoencoderKL(vae, loss, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)  # the posterior sample
+        model.loss(model({'image': x}), {'image': x})['total'].backward()
+        grads.append({n: p.grad for n, p in vae.named_parameters()})
+    plain, checkpointed = grads
+    assert all(checkpointed[n] is None for n in checkpointed if n.startswith(('encoder.', 'quant_conv.')))
+    trained = [n for n in plain if n.startswith(('decoder.', 'post_quant_conv.'))]
+    assert all(checkpointed[n] is not None and torch.equal(plain[n], checkpointed[n]) for n in trained)
