@@ -33,6 +33,7 @@ __all__ = [
     'recorded_padding_mode',
     'resume_padding_mode',
     'set_padding_mode',
+    'smallest_image_side',
     'tolerate_padding_key',
 ]
 
@@ -58,6 +59,26 @@ def padded_convolutions(module: nn.Module) -> list[nn.Conv2d]:
             if padded:
                 convolutions.append(conv)
     return convolutions
+
+
+def smallest_image_side(vae: nn.Module, downsample_factor: int) -> int:
+    """The smallest image side ``vae`` can encode, or decode to, with its padding: 1 unless it reflects.
+
+    PyTorch's reflection padding needs each side of its input to be larger than the padding, and an
+    autoencoder's deepest convolutions (the encoder's last level, the decoder's first) run at the latent's
+    size: a 1-cell latent (a 32 px image at the reference grid's smallest scale 8/32, f8) stops a
+    reflection-padded VAE with "Padding size should be less than the corresponding input dimension".
+
+    Args:
+        vae: the autoencoder.
+        downsample_factor: pixels per latent cell.
+    """
+    reflected = [
+        max(conv.padding)
+        for conv in padded_convolutions(vae)
+        if conv.padding_mode == 'reflect' and not isinstance(conv.padding, str)
+    ]
+    return (max(reflected) + 1) * downsample_factor if reflected else 1
 
 
 def set_padding_mode(vae: nn.Module, mode: str) -> int:

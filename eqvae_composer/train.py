@@ -24,7 +24,7 @@ from composer.utils import dist, get_device, parse_uri, reproducibility
 from omegaconf import MISSING, DictConfig
 
 from eqvae_composer.algorithms import EMA, EquivarianceAlgorithm
-from eqvae_composer.algorithms.equivariance import check_target_size
+from eqvae_composer.algorithms.equivariance import check_target_size, smallest_target_size
 from eqvae_composer.callbacks import (
     GlobalStepCallback,
     NaNGuard,
@@ -48,6 +48,7 @@ from eqvae_composer.config import config_key as _config_key
 from eqvae_composer.config import instantiate as _instantiate
 from eqvae_composer.data.dataset import EmptyDatasetError, build_image_dataloader, check_local_dataset
 from eqvae_composer.ema import explain_unresumable_ema_checkpoint
+from eqvae_composer.evaluation.metrics import EVAL_SCALES
 from eqvae_composer.introspection import adapter_for, adapter_of_kind, vae_downsample_factor
 from eqvae_composer.models import (
     AlternatingAdam,
@@ -65,7 +66,7 @@ from eqvae_composer.models.lpips import (
     resolve_lpips_weights_of,
 )
 from eqvae_composer.models.trainable import ALL, freeze_except, trainable_prefixes, trains_encoder
-from eqvae_composer.padding import PADDING_MODES, set_padding_mode
+from eqvae_composer.padding import PADDING_MODES, set_padding_mode, smallest_image_side
 from eqvae_composer.registry import CALLBACKS, LOGGERS, SCHEDULERS
 
 __all__ = [
@@ -479,8 +480,26 @@ def _check_target_sizes(cfg: TrainConfig, model: GANAutoencoderModel, algorithms
             try:
                 check_target_size((resolution, resolution), factor, algorithm.target_scales, model.min_target_size)
             except ValueError as error:
-                keys = 'train_loader.dataset.resolution, algorithms.equivariance.scales or model.loss.disc_num_layers'
+                keys = (
+                    'train_loader.dataset.resolution, algorithms.equivariance.scales, model.loss.disc_num_layers '
+                    'or model.vae.padding_mode'
+                )
                 raise ConfigError(f'{error} (config keys: {keys})') from None
+    if cfg.eval_loader is not None and 'EquivarianceErrorS' in model.eval_metric_names:
+        _check_eval_scale_size(cfg.eval_loader.dataset.get('resolution', 256), model)
+
+
+def _check_eval_scale_size(resolution: int, model: GANAutoencoderModel) -> None:
+    """EquivarianceErrorS encodes eval images scaled down to ``EVAL_SCALES``: a size the VAE's padding takes."""
+    factor, needed = model.downsample_factor, smallest_image_side(model.vae, model.downsample_factor)
+    smallest = smallest_target_size(resolution, factor, EVAL_SCALES)
+    enough = int(-(-needed // min(EVAL_SCALES)))
+    if smallest < needed:
+        raise ConfigError(
+            f'model.eval_metrics EquivarianceErrorS encodes {resolution} px eval images at scale {min(EVAL_SCALES):g}, '
+            f'{smallest} px, and the reflection-padded VAE (model.vae.padding_mode) needs at least {needed} px: set '
+            f'eval_loader.dataset.resolution to {enough} or more, or drop EquivarianceErrorS.'
+        )
 
 
 def _checkpoint_saver(cfg: TrainConfig) -> ResumableCheckpointSaver | None:

@@ -4,7 +4,8 @@ or SIGKILLed right after one, started again, end bit-identical to uninterrupted 
 Composer's own EMA keeps its copy of the weights in the algorithms' state, which checkpoints hold from
 rank 0 only: resumed, rank 1 crashed in its first batch (``RuntimeError: output with shape [1, 8, 3, 3]
 doesn't match the broadcast shape [2, 8, 3, 3]``). Two launches per world size; what each does is in
-tests/distributed/ema_resume.py.
+tests/distributed/ema_resume.py. The 2-rank launch also runs a decoder-only stage (``model.trainable: decoder``)
+under FSDP2 and DDP: its frozen encoder shares an FSDP2 unit (the VAE) with the trained decoder.
 """
 
 import os
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from streaming.base.util import clean_stale_shared_memory
 
 from eqvae_composer.checkpoints import EMA_COPY_CALLBACK, AutoencoderLoadError
 from eqvae_composer.cli import USER_ERRORS
 from eqvae_composer.ema import EMA, EMACopy, UnresumableEMACheckpointError
+from tests.conftest import tiny_vae_config
 from tests.test_checkpoints_composer import run_export_script
 from tests.test_train import write_mds
 
@@ -28,13 +31,15 @@ SCRIPT = REPO / 'tests' / 'distributed' / 'ema_resume.py'
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
 # Per world size: the checkpoint kinds run uninterrupted and stopped, and the kind whose run is SIGKILLed.
 PLANS = {
-    2: (['sharded', 'full', 'ddp', 'old-sharded', 'old-full'], 'full'),
+    2: (['sharded', 'full', 'ddp', 'old-sharded', 'old-full', 'decoder-sharded', 'decoder-ddp'], 'full'),
     3: (['sharded', 'full'], 'sharded'),
 }
 # BatchNorm's running statistics differ between ranks by design (DDP broadcasts rank 0's before each forward, then
 # each rank updates its own; FSDP2 never syncs them) and checkpoints hold rank 0's, so a resumed rank above 0
 # continues from rank 0's. Training uses batch statistics: the weights do not depend on them.
 _PER_RANK_BUFFERS = ('running_mean', 'running_var')
+# What a decoder-only stage keeps frozen: everything that shapes an AutoencoderKL's latent.
+ENCODER_SIDE = ('encoder.', 'quant_conv.')
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -50,6 +55,8 @@ def _runs(world: int, tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp(f'ema{world}')
     clean_stale_shared_memory()
     write_mds(run_dir / 'train', 8 * world)  # 4 batches of 2 samples per rank
+    torch.manual_seed(3)
+    AutoencoderKL.from_config(tiny_vae_config()).save_pretrained(run_dir / 'stage1')  # the decoder stage's input
     first = _launch(run_dir, world, 'run', killed, *kinds)
     assert (run_dir / 'checkpoints' / f'{killed}-killed').is_dir(), first.stdout[-3000:] + first.stderr[-3000:]
     assert first.returncode != 0 and 'exited with code -9' in first.stdout + first.stderr, 'not killed'
@@ -120,6 +127,42 @@ def test_export_reads_every_ranks_weights_from_the_new_checkpoints(three_ranks, 
     got, expected = load_file(tmp_path / WEIGHTS), torch.load(runs['dir'] / 'weights' / f'{kind}-{weights}.pt')
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def _encoder_side(names) -> list[str]:
+    return [n for n in names if n.split('vae.', 1)[-1].startswith(ENCODER_SIDE)]
+
+
+@pytest.mark.parametrize('kind', ['decoder-sharded', 'decoder-ddp'])
+def test_decoder_stage_keeps_the_input_encoder_bit_for_bit_and_ema_copies_trained_parameters_only(two_ranks, kind):
+    run_dir = two_ranks['dir']
+    stage1 = AutoencoderKL.from_pretrained(run_dir / 'stage1').state_dict()
+    frozen = _encoder_side(stage1)
+    assert len(frozen) > 10
+    for rank in _snapshots(run_dir, kind, 2):
+        copied = [k.removeprefix('ema.named_parameters_dict.') for k in rank if k.startswith('ema.named_parameters')]
+        assert copied and not _encoder_side(copied)  # Composer's EMA averages what requires grad only
+        assert any('vae.decoder.' in k for k in copied) and any('vae.post_quant_conv.' in k for k in copied)
+    for weights in ('EMA', 'raw'):  # gathered at the end of the uninterrupted run, as train.py exports
+        got = torch.load(run_dir / 'weights' / f'{kind}-{weights}.pt')
+        assert all(torch.equal(got[k], stage1[k]) for k in frozen), weights
+        assert not torch.equal(got['decoder.conv_out.weight'], stage1['decoder.conv_out.weight']), weights
+    ema, raw = (torch.load(run_dir / 'weights' / f'{kind}-{w}.pt') for w in ('EMA', 'raw'))
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+@pytest.mark.parametrize('weights', ['EMA', 'raw'])
+def test_export_of_a_sharded_decoder_stage_checkpoint_has_the_input_encoder(two_ranks, weights, tmp_path):
+    run_dir = two_ranks['dir']
+    checkpoint = run_dir / 'checkpoints' / 'decoder-sharded' / 'ep0-ba4'
+    run_export_script(
+        ['--checkpoint', str(checkpoint), '--out', str(tmp_path), *(['--raw'] if weights == 'raw' else [])]
+    )
+    got = load_file(tmp_path / WEIGHTS)
+    expected = torch.load(run_dir / 'weights' / f'decoder-sharded-{weights}.pt')
+    stage1 = AutoencoderKL.from_pretrained(run_dir / 'stage1').state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert all(torch.equal(got[k], stage1[k]) for k in _encoder_side(stage1))
 
 
 def test_ddp_checkpoints_keep_composers_layout(two_ranks):

@@ -84,7 +84,15 @@ def test_unknown_padding_mode_is_a_config_error(tmp_path, mds):  # noqa: F811
 
 
 def test_training_with_reflect_exports_and_checkpoints_the_mode(tmp_path, mds):  # noqa: F811
-    cfg = run_config(tmp_path, *mds, model={'vae': {'padding_mode': 'reflect'}}, save_folder=str(tmp_path / 'ckpt'))
+    # Scales of at least 0.5: at 32 px the grid's 8/32 gives 1-cell latents, which reflection cannot pad.
+    two_cells = {'equivariance': {'scales': [0.5, 0.75]}}
+    cfg = run_config(
+        tmp_path,
+        *mds,
+        model={'vae': {'padding_mode': 'reflect'}},
+        save_folder=str(tmp_path / 'ckpt'),
+        algorithms=two_cells,
+    )
     cfg.eval_loader = None
     trainer = train(cfg)
     assert set(modes(trainer.state.model.vae.decoder).values()) == {'reflect'}
@@ -92,7 +100,9 @@ def test_training_with_reflect_exports_and_checkpoints_the_mode(tmp_path, mds): 
         assert modes(load_autoencoder(source)) == modes(trainer.state.model.vae)
 
     # A resumed run that does not set the mode takes the checkpoint's; one that sets another is stopped.
-    resumed = run_config(tmp_path, *mds, load_path=str(tmp_path / 'ckpt' / 'latest-rank0.pt'), max_duration='3ba')
+    resumed = run_config(
+        tmp_path, *mds, load_path=str(tmp_path / 'ckpt' / 'latest-rank0.pt'), max_duration='3ba', algorithms=two_cells
+    )
     resumed.eval_loader, resumed.export_folder = None, None
     assert modes(train(resumed).state.model.vae) == modes(trainer.state.model.vae)
     resumed.model.vae.padding_mode = 'zeros'

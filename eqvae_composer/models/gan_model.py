@@ -27,6 +27,7 @@ from eqvae_composer.evaluation.metrics import (
 )
 from eqvae_composer.models.loss import GAN_PHASES, ReconstructionGANLoss
 from eqvae_composer.models.lpips import lpips_distance
+from eqvae_composer.padding import smallest_image_side
 
 __all__ = ['GANAutoencoderModel', 'counted_samples', 'recorded_calls']
 
@@ -86,9 +87,11 @@ class GANAutoencoderModel(ComposerModel):
 
     @property
     def min_target_size(self) -> int:
-        """The smallest image side the loss accepts (the discriminator's), read by ``EquivarianceAlgorithm``."""
+        """The smallest image side the model trains on, read by ``EquivarianceAlgorithm``: its discriminator's, and
+        with reflection padding, two latent cells (``padding.smallest_image_side``)."""
         discriminator = self.loss_fn.discriminator
-        return 1 if discriminator is None else discriminator.min_input_size
+        needed = 1 if discriminator is None else discriminator.min_input_size
+        return max(needed, smallest_image_side(self.vae, self.downsample_factor))
 
     @property
     def draw_pass(self) -> int:

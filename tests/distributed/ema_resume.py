@@ -4,10 +4,11 @@ Usage: FSDP_VERSION=2 composer -n N tests/distributed/ema_resume.py RUN_DIR PHAS
 
 RUN_DIR holds the MDS folder `train/`. A KIND is a checkpoint kind: `sharded` or `full` (FSDP2's
 `state_dict_type`) or `ddp` (no `fsdp` section), or `old-sharded` / `old-full`: checkpoints saved by
-Composer's own EMA. Every run trains 4 batches with `algorithms.ema` and `autoresume`, checkpointing
-every 2 into `RUN_DIR/checkpoints/<case>/`. At its end each rank saves its own shards of the raw weights,
-of EMA's copy and of the Adam moments to `RUN_DIR/snapshots/<case>-rank<r>.pt`; the batch a run started
-from goes to `RUN_DIR/started-at/<case>`.
+Composer's own EMA, or `decoder-<kind>`: a decoder-only stage (`model.trainable: decoder`, EMA without
+equivariance) from the VAE folder `RUN_DIR/stage1/`. Every run trains 4 batches with `algorithms.ema`
+and `autoresume`, checkpointing every 2 into `RUN_DIR/checkpoints/<case>/`. At its end each rank saves
+its own shards of the raw weights, of EMA's copy and of the Adam moments to
+`RUN_DIR/snapshots/<case>-rank<r>.pt`; the batch a run started from goes to `RUN_DIR/started-at/<case>`.
 
 PHASE `run`: for each KIND, an uninterrupted run (case `<kind>`), with its gathered EMA and raw VAE
 weights in `RUN_DIR/weights/<kind>-{EMA,raw}.pt`, and a run stopped after its first checkpoint, then
@@ -48,12 +49,13 @@ class KillAfterFirstCheckpoint(Callback):
 
 
 def config(run_dir: Path, kind: str, case: str, max_batches: int = MAX_BATCHES):
-    return run_config(
+    checkpoint_kind = kind.removeprefix('old-').removeprefix('decoder-')
+    cfg = run_config(
         run_dir,
         run_dir / 'train',
         None,
         run_name=case,
-        fsdp=None if kind == 'ddp' else {'state_dict_type': kind.removeprefix('old-')},
+        fsdp=None if checkpoint_kind == 'ddp' else {'state_dict_type': checkpoint_kind},
         algorithms={'equivariance': {}, 'ema': {'half_life': '1ba'}},
         global_train_batch_size=2 * dist.get_world_size(),
         eval_loader=None,
@@ -64,6 +66,13 @@ def config(run_dir: Path, kind: str, case: str, max_batches: int = MAX_BATCHES):
         max_duration=f'{max_batches}ba',
         autoresume=True,
     )
+    if kind.startswith('decoder-'):
+        # The staged recipe's second stage: the encoder side frozen (under FSDP2 in one unit with the trained decoder:
+        # Composer wraps the model's children, the VAE whole), without equivariance (which trains the encoder).
+        cfg.model.trainable = 'decoder'
+        cfg.model.vae = {'config': None, 'pretrained': str(run_dir / 'stage1')}
+        cfg.algorithms = {'ema': {'half_life': '1ba'}}
+    return cfg
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

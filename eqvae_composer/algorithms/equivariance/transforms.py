@@ -177,7 +177,8 @@ def check_target_size(
     raise ValueError(
         f'EquivarianceAlgorithm: at {size[0]}x{size[1]} px the smallest scale {smallest_scale(scales):g} gives '
         f'{smallest} px images, but the model needs at least {min_target_size} px (min_target_size, e.g. from its '
-        f'discriminator). Train at {needed} px or more, draw only scales of at least {min_scale:.4g} (`scales`), '
+        f'discriminator or its reflection padding). Train at {needed} px or more, draw only scales of at least '
+        f'{min_scale:.4g} (`scales`), '
         'or use a smaller discriminator (`disc_num_layers`).',
     )
 
