@@ -26,10 +26,8 @@ Then ``docs/RESULTS.md`` gets its "Downstream" section (between markers below th
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -55,6 +53,7 @@ from eqvae_composer.latents import StreamingLatentDataset
 from eqvae_composer.latents.encode import EncodeOptions, encode_latents
 from eqvae_composer.weights import MissingWeightsError
 from scripts import diffusability_report, downstream_report
+from scripts.replicate import checkpoints  # the same run-folder layout
 
 #: The VAEs compared: the replication's control (fine-tuned without the regularizer) and eq.
 ARMS = ('control', 'eq')
@@ -223,16 +222,6 @@ def run_training(plan: DownstreamPlan, out: str, stage: str, latents: str) -> tu
         train(cfg).close()
         _write_json(done, {'seconds': time.perf_counter() - start})  # after a kill: the resumed share only
     return cfg, _read_json(done)['seconds']
-
-
-def checkpoints(out: str, stage: str) -> dict[int, str]:
-    """The run's checkpoints by step."""
-    found = {}
-    for path in glob.glob(os.path.join(out, stage, 'checkpoints', 'ep*-ba*-rank0.pt')):
-        match = re.search(r'-ba(\d+)-rank0\.pt$', path)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
 
 
 def held_out_latents(latents: str) -> torch.Tensor:
