@@ -469,6 +469,13 @@ def done_marker(out: str, job: str) -> str:
     return os.path.join(out, 'done', f'{job}.json')
 
 
+def job_threads(job: str, max_jobs: int) -> int:
+    """Torch threads of a job: the base, which every other job waits for, gets every core; the others one each,
+    even one that happens to start alone. A stage's numbers must not depend on when its neighbours finished,
+    and a convolution's sums differ in their last bits between thread counts."""
+    return max_jobs if job == 'base' else 1
+
+
 def schedule(plan: Plan, out: str, max_jobs: int) -> dict[str, float]:
     """Run every job not yet done, dependencies first; return each job's wall seconds (as recorded)."""
     jobs = [Job('base'), Job('base-eval', after=('base',))] + [Job(s, after=('base',)) for s in plan.stages]
@@ -482,9 +489,7 @@ def schedule(plan: Plan, out: str, max_jobs: int) -> dict[str, float]:
         while ready and len(running) < max_jobs and not failed:
             job = ready.pop(0)
             pending.remove(job)
-            # A job alone in the schedule (the base) gets every thread; jobs side by side get one each.
-            alone = not running and not [j for j in pending if all(is_done(d) for d in j.after)]
-            threads = max_jobs if alone else 1
+            threads = job_threads(job.name, max_jobs)
             log = os.path.join(out, 'logs', f'{job.name}.log')
             command = [sys.executable, os.path.abspath(__file__), '--out', out, '--job', job.name]
             command += ['--threads', str(threads)]

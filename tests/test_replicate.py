@@ -255,3 +255,25 @@ def test_photos_and_downsampling_flags_reach_the_plan_the_data_and_the_vae(tmp_p
     with pytest.raises(SystemExit, match=r'no photo testbed there .* python scripts/photo_testbed.py --out'):
         replicate.main(['--photos', 'missing', '--out', 'never'])
     assert not (tmp_path / 'never').exists()
+
+
+def test_a_stage_gets_one_thread_even_when_it_starts_alone(tmp_path, monkeypatch):
+    # Stages that finish in the same poll leave the next one to start alone; its thread count (and with it the
+    # last bits of its convolutions) must not depend on that timing, or a resumed run differs from a whole one.
+    started = {}
+
+    class FinishedAtOnce:
+        def __init__(self, command, env, **kwargs):
+            job = command[command.index('--job') + 1]
+            started[job] = (int(command[command.index('--threads') + 1]), int(env['OMP_NUM_THREADS']))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(replicate.subprocess, 'Popen', FinishedAtOnce)
+    monkeypatch.setattr(replicate.time, 'sleep', lambda seconds: None)
+    plan = dataclasses.replace(replicate.QUICK, arms=('control', 'eq'), seeds=(17,))  # 3 jobs after the base
+    replicate.schedule(plan, str(tmp_path), max_jobs=2)
+    assert started.pop('base') == (2, 2)
+    assert set(started) == {'base-eval', 'control-s17', 'eq-s17'}
+    assert set(started.values()) == {(1, 1)}
