@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
 __all__ = [
     'ConfigError',
+    'TrainerConfig',
     'check_fsdp_version',
     'config_key',
     'instantiate',
     'load_structured',
     'per_device_batch_size',
+    'trainer_kwargs',
     'validate_structured',
 ]
 
@@ -29,6 +32,39 @@ Schema = TypeVar('Schema')
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key."""
+
+
+@dataclass
+class TrainerConfig:
+    """The ``composer.Trainer`` settings both training entry points share; each subclass adds its model and data.
+
+    ``device_eval_batch_size`` and ``seed`` have no default here: each entry point sets its own.
+    """
+
+    max_duration: str = MISSING
+    global_train_batch_size: int = MISSING
+    device_train_microbatch_size: int | None = None
+    device_eval_batch_size: int = MISSING
+    eval_interval: str = '1ep'
+    precision: str | None = None  # None: amp_bf16 on GPU, fp32 on CPU
+    seed: int = MISSING
+    run_name: str | None = None
+    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Composer's learning-rate schedulers by name (e.g. cosine_annealing: {alpha_f: 0.1}); none: constant lr,
+    # as the reference trains.
+    schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fsdp: dict[str, Any] | None = None
+    save_folder: str | None = None
+    save_interval: str = '1ep'
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: str | None = None
+    console_log_interval: str = '1ba'
+    progress_bar: bool = False
+    variables: dict[str, Any] = field(default_factory=dict)  # free-form, for ${variables.x} interpolation
 
 
 def validate_structured(schema: type[Schema], raw: DictConfig | dict) -> Schema:
@@ -91,6 +127,31 @@ def per_device_batch_size(global_batch_size: int, microbatch_size: int | None, w
             f'by device_train_microbatch_size {microbatch_size}.',
         )
     return per_device
+
+
+def trainer_kwargs(cfg: TrainerConfig, per_device_batch: int, evaluates: bool) -> dict[str, Any]:
+    """The ``composer.Trainer`` arguments read straight off ``cfg``'s shared fields.
+
+    Args:
+        cfg: the run's config.
+        per_device_batch: this process's share of ``global_train_batch_size``, the microbatch when none is set.
+        evaluates: whether the Trainer gets an eval dataloader (without one, ``eval_interval`` is 0).
+    """
+    return {
+        'max_duration': cfg.max_duration,
+        'eval_interval': cfg.eval_interval if evaluates else 0,
+        'device_train_microbatch_size': cfg.device_train_microbatch_size or per_device_batch,
+        'seed': cfg.seed,
+        'run_name': cfg.run_name,
+        'parallelism_config': {'fsdp': dict(cfg.fsdp)} if cfg.fsdp is not None else None,
+        # The checkpoint saver callback does the saving; the Trainer reads save_folder for autoresume.
+        'save_folder': cfg.save_folder,
+        'autoresume': cfg.autoresume,
+        'load_path': cfg.load_path,
+        'console_log_interval': cfg.console_log_interval,
+        'progress_bar': cfg.progress_bar,
+        'log_to_console': not cfg.progress_bar,
+    }
 
 
 def check_fsdp_version(fsdp: dict[str, Any] | None, entry_point: str = 'train.py') -> None:

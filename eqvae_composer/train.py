@@ -39,9 +39,11 @@ from eqvae_composer.checkpoints import (
 )
 from eqvae_composer.config import (
     ConfigError,
+    TrainerConfig,
     check_fsdp_version,
     load_structured,
     per_device_batch_size,
+    trainer_kwargs,
     validate_structured,
 )
 from eqvae_composer.config import config_key as _config_key
@@ -216,41 +218,22 @@ class NaNGuardConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The whole run; see ``yamls/eqvae.yaml`` for the paper's recipe with comments."""
+class TrainConfig(TrainerConfig):
+    """The whole run; see ``yamls/eqvae.yaml`` for the paper's recipe with comments.
 
+    The Trainer's settings (``max_duration``, ``save_folder``, ...) are ``TrainerConfig``'s.
+    """
+
+    device_eval_batch_size: int = 8
+    seed: int = 17
     model: ModelConfig = field(default_factory=ModelConfig)
     train_loader: LoaderConfig = MISSING
     eval_loader: LoaderConfig | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    max_duration: str = MISSING
-    global_train_batch_size: int = MISSING
-    device_train_microbatch_size: int | None = None
-    device_eval_batch_size: int = 8
-    eval_interval: str = '1ep'
-    precision: str | None = None  # None: amp_bf16 on GPU, fp32 on CPU
-    seed: int = 17
-    run_name: str | None = None
-    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
-    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Composer's learning-rate schedulers by name (e.g. cosine_annealing: {alpha_f: 0.1}); none: constant lr,
-    # as the reference trains.
-    schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
     nan_guard: NaNGuardConfig | None = field(default_factory=NaNGuardConfig)  # null: no checks
-    fsdp: dict[str, Any] | None = None
-    save_folder: str | None = None
-    save_interval: str = '1ep'
-    save_num_checkpoints_to_keep: int = -1
-    save_overwrite: bool = False
-    autoresume: bool = False
-    load_path: str | None = None
     export_folder: str | None = None
     export_ema: bool = True  # with the EMA algorithm, export its weights (False: the raw ones)
     metrics_file: str | None = None
-    console_log_interval: str = '1ba'
-    progress_bar: bool = False
-    variables: dict[str, Any] = field(default_factory=dict)  # free-form, for ${variables.x} interpolation
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -562,7 +545,6 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
     model = build_model(cfg.model)
     _check_target_sizes(cfg, model, algorithms)
     optimizer = build_optimizer(model, cfg.optimizer)
-    parallelism = {'fsdp': dict(cfg.fsdp)} if cfg.fsdp is not None else None
     # Each alternating pass leaves one side without gradients, which DDP's bucketed all-reduce does not
     # allow; Composer's forced sync all-reduces the gradients there are after the last microbatch.
     ddp_sync_strategy = 'forced_sync' if cfg.optimizer.gan_updates == GANUpdates.alternating else None
@@ -572,14 +554,9 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
-        eval_interval=cfg.eval_interval if eval_loader is not None else 0,
         optimizers=optimizer,
         schedulers=schedulers,
-        max_duration=cfg.max_duration,
-        device_train_microbatch_size=cfg.device_train_microbatch_size or per_device_batch,
         precision=precision,
-        seed=cfg.seed,
-        run_name=cfg.run_name,
         algorithms=algorithms,
         callbacks=[
             GlobalStepCallback(),
@@ -588,14 +565,8 @@ def train(cfg: TrainConfig | DictConfig | dict, fit: bool = True) -> Trainer:
             *([saver] if saver is not None else []),
         ],
         loggers=loggers,
-        parallelism_config=parallelism,
         ddp_sync_strategy=ddp_sync_strategy,
-        save_folder=cfg.save_folder,  # the saver above does the saving; the Trainer reads it for autoresume
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
-        console_log_interval=cfg.console_log_interval,
-        progress_bar=cfg.progress_bar,
-        log_to_console=not cfg.progress_bar,
+        **trainer_kwargs(cfg, per_device_batch, evaluates=eval_loader is not None),
     )
     restore_rng_mid_epoch(trainer)
     if fit:

@@ -23,10 +23,12 @@ from streaming import StreamingDataLoader
 from eqvae_composer.callbacks.checkpointing import checkpoint_saver, restore_rng_mid_epoch
 from eqvae_composer.config import (
     ConfigError,
+    TrainerConfig,
     check_fsdp_version,
     instantiate,
     load_structured,
     per_device_batch_size,
+    trainer_kwargs,
     validate_structured,
 )
 from eqvae_composer.diffusion.callbacks import SampleGridCallback
@@ -89,37 +91,20 @@ class DiffusionOptimizerConfig:
 
 
 @dataclass
-class DiffusionTrainConfig:
-    """The whole run; see ``yamls/diffusion/sit-b2.yaml`` for the reference recipe with comments."""
+class DiffusionTrainConfig(TrainerConfig):
+    """The whole run; see ``yamls/diffusion/sit-b2.yaml`` for the reference recipe with comments.
 
+    The Trainer's settings (``max_duration``, ``save_folder``, ...) are ``TrainerConfig``'s.
+    """
+
+    device_eval_batch_size: int = 32
+    seed: int = 0
     num_classes: int = MISSING
     network: NetworkConfig = field(default_factory=NetworkConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train_loader: LatentLoaderConfig = MISSING
     eval_loader: LatentLoaderConfig | None = None
     optimizer: DiffusionOptimizerConfig = field(default_factory=DiffusionOptimizerConfig)
-    max_duration: str = MISSING
-    global_train_batch_size: int = MISSING
-    device_train_microbatch_size: int | None = None
-    device_eval_batch_size: int = 32
-    eval_interval: str = '1ep'
-    precision: str | None = None  # None: amp_bf16 on GPU, fp32 on CPU
-    seed: int = 0
-    run_name: str | None = None
-    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
-    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    schedulers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    fsdp: dict[str, Any] | None = None
-    save_folder: str | None = None
-    save_interval: str = '1ep'
-    save_num_checkpoints_to_keep: int = -1
-    save_overwrite: bool = False
-    autoresume: bool = False
-    load_path: str | None = None
-    console_log_interval: str = '1ba'
-    progress_bar: bool = False
-    variables: dict[str, Any] = field(default_factory=dict)  # free-form, for ${variables.x} interpolation
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> DiffusionTrainConfig:
@@ -231,24 +216,13 @@ def train(cfg: DiffusionTrainConfig | DictConfig | dict, fit: bool = True) -> Tr
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=eval_loader,
-        eval_interval=cfg.eval_interval if eval_loader is not None else 0,
         optimizers=optimizer,
         schedulers=schedulers,
-        max_duration=cfg.max_duration,
-        device_train_microbatch_size=cfg.device_train_microbatch_size or per_device_batch,
         precision=precision,
-        seed=cfg.seed,
-        run_name=cfg.run_name,
         algorithms=algorithms,
         callbacks=[*callbacks, *([saver] if saver is not None else [])],
         loggers=loggers,
-        parallelism_config={'fsdp': dict(cfg.fsdp)} if cfg.fsdp is not None else None,
-        save_folder=cfg.save_folder,
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
-        console_log_interval=cfg.console_log_interval,
-        progress_bar=cfg.progress_bar,
-        log_to_console=not cfg.progress_bar,
+        **trainer_kwargs(cfg, per_device_batch, evaluates=eval_loader is not None),
     )
     restore_rng_mid_epoch(trainer)
     if fit:
