@@ -219,10 +219,7 @@ class NaNGuardConfig:
 
 @dataclass
 class TrainConfig(TrainerConfig):
-    """The whole run; see ``yamls/eqvae.yaml`` for the paper's recipe with comments.
-
-    The Trainer's settings (``max_duration``, ``save_folder``, ...) are ``TrainerConfig``'s.
-    """
+    """The whole run; see ``yamls/eqvae.yaml`` for the paper's recipe with comments."""
 
     device_eval_batch_size: int = 8
     seed: int = 17

@@ -92,10 +92,7 @@ class DiffusionOptimizerConfig:
 
 @dataclass
 class DiffusionTrainConfig(TrainerConfig):
-    """The whole run; see ``yamls/diffusion/sit-b2.yaml`` for the reference recipe with comments.
-
-    The Trainer's settings (``max_duration``, ``save_folder``, ...) are ``TrainerConfig``'s.
-    """
+    """The whole run; see ``yamls/diffusion/sit-b2.yaml`` for the reference recipe with comments."""
 
     device_eval_batch_size: int = 32
     seed: int = 0
