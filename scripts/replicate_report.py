@@ -236,6 +236,13 @@ def _verdicts(comparisons: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+def _gan_start(plan: dict[str, Any]) -> str:
+    start = round(plan.get('base_gan_start', 0.0) * plan['base_steps'])
+    if start >= plan['base_steps']:
+        return 'none in the base, which trains on L1 + KL alone; from step 0 of each fine-tune'
+    return f'from step {start} of the base, step 0 of each fine-tune' if start else 'from step 0'
+
+
 def _demo_data_line(plan: dict[str, Any], train_res: int) -> str:
     return (
         f"crops of the demo photographs (scikit-image's), sides {plan['crop_sides'][0]}-{plan['crop_sides'][1]} px,\n"
@@ -284,7 +291,7 @@ within {TARGET_PSNR_DB} dB of control.
   block (SD-VAE's layout at reduced width), trained from scratch at {plan['resolution']} px: latents
   {latent}x{latent}.
 - Objective: L1 + 1e-6 KL + adaptive-weight PatchGAN (hinge, {2 if plan['resolution'] < 128 else 3} layers,
-  disc_weight 0.5, from step 0). **LPIPS off (`lpips_weight: 0`)**: its VGG16 weights are not available offline.
+  disc_weight 0.5, {_gan_start(plan)}). **LPIPS off (`lpips_weight: 0`)**: its VGG16 weights are not available offline.
 - base: {plan['base_steps']} steps, batch {plan['batch_size']}, Adam(0.5, 0.9), lr {plan['base_lr']:g} with a cosine
   decay to {plan['base_lr_final']:g} of it, seed {plan['base_seed']}.
 - Fine-tuning: {plan['finetune_steps']} steps from base, batch {plan['batch_size']}, lr {plan['finetune_lr']:g}, seeds

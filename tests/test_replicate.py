@@ -244,7 +244,14 @@ def test_photos_and_downsampling_flags_reach_the_plan_the_data_and_the_vae(tmp_p
     for split in ('train', 'val'):
         assert json.loads((tmp_path / 'out' / 'data' / split / 'index.json').read_text()) == {'split': split}
     assert json.loads((tmp_path / 'out' / 'data' / 'spec.json').read_text()) == replicate.data_spec(plan)
-    assert replicate.stage_config(plan, 'base', data, 'out')['train_loader']['dataset']['local'] == f'{data}/train'
+    base = replicate.stage_config(plan, 'base', data, 'out')
+    assert base['train_loader']['dataset']['local'] == f'{data}/train'
+    # the testbed's base: longer, and its discriminator never joins; the fine-tunes' starts at step 0
+    assert base['max_duration'] == '2400ba' and base['model']['loss']['disc_start'] == 2400
+    assert replicate.stage_config(plan, 'eq-s17', data, 'out', 'base/vae')['model']['loss']['disc_start'] == 0
+    assert replicate.stage_config(default, 'base', data, 'out')['model']['loss']['disc_start'] == 0
+    halfway = replicate.make_plan(replicate.parse_args(['--photos', 'bed', '--base-gan-start', '0.5']))
+    assert replicate.stage_config(halfway, 'base', data, 'out')['model']['loss']['disc_start'] == 1200
 
     # f4: 128 px images give the paper's 32x32 latent grid
     vae = AutoencoderKL(**replicate.stage_config(plan, 'base', data, 'out')['model']['vae']['config'])
