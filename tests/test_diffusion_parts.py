@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL
 
 from eqvae_composer.diffusion.network import dit_config
 from eqvae_composer.diffusion.vae import LatentDecoder
+from eqvae_composer.padding import set_padding_mode
 from tests.conftest import tiny_kl_config
 
 
@@ -56,6 +57,23 @@ def test_the_decoder_undoes_the_datasets_scaling_and_shift(tmp_path):
     with torch.no_grad():
         expected = vae.decode(z).sample.clamp(-1, 1)
     assert torch.allclose(decoder(scaled), expected, atol=1e-5)
+
+
+def test_the_decoder_pads_as_the_vae_was_trained(tmp_path):
+    # A reflect-padded VAE's mode lives in an extra config.json key that plain diffusers ignores.
+    config = tiny_kl_config('sd3')
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(config)
+    set_padding_mode(vae, 'reflect')
+    vae.save_pretrained(tmp_path / 'vae')
+    z = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        reflected = vae.decode(z).sample.clamp(-1, 1)
+        set_padding_mode(vae, 'zeros')
+        zero_padded = vae.decode(z).sample.clamp(-1, 1)
+    assert not torch.allclose(reflected, zero_padded, atol=1e-3)  # the borders tell them apart
+    decoder = LatentDecoder(_metadata(tmp_path / 'vae', config))
+    assert torch.allclose(decoder((z - 0.0609) * 1.5305), reflected, atol=1e-5)
 
 
 def test_the_decoder_refuses_a_vae_with_other_factors_or_none(tmp_path):

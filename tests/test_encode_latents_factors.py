@@ -58,3 +58,23 @@ def test_the_resolution_is_checked_against_the_vaes_factor(tmp_path, photos):
     with pytest.raises(ValueError, match=r'--resolution 40 must be a multiple of 16, the downsampling factor .* 32\.'):
         encode_latents(str(vae_dir), str(photos[0].parent), str(tmp_path / 'out'), EncodeOptions(40, **QUIET))
     assert not (tmp_path / 'out' / 'index.json').exists()
+
+
+def test_a_reflect_padded_vaes_latents_record_the_mode_and_decode_with_it(tmp_path, photos):
+    from eqvae_composer.diffusion.vae import LatentDecoder  # the probe's decoder reads what encoding records
+    from eqvae_composer.padding import set_padding_mode
+
+    vae = tiny_vae(blocks=2).eval()
+    set_padding_mode(vae, 'reflect')
+    vae.save_pretrained(tmp_path / 'vae')
+    out = tmp_path / 'latents'
+    encode_latents(str(tmp_path / 'vae'), str(photos[0].parent), str(out), EncodeOptions(32, **QUIET))
+    metadata = json.loads((out / 'latents.json').read_text())
+    assert metadata['vae']['padding_mode'] == 'reflect'
+    dataset = StreamingLatentDataset(local=str(out), shuffle=False, sample_posterior=False)
+    with torch.no_grad():
+        pixels = preprocess_image(Image.open(photos[0]), 32)[None]
+        mean = vae.encode(pixels).latent_dist.mean  # the reflect-padded encoder's, not a zero-padded one's
+        torch.testing.assert_close(dataset.unscale(dataset[0]['latent']), mean[0], atol=1e-5, rtol=0)
+        expected = vae.decode(mean).sample.clamp(-1, 1)
+        torch.testing.assert_close(LatentDecoder(metadata)(dataset[0]['latent'][None]), expected, atol=1e-4, rtol=0)

@@ -48,6 +48,7 @@ DIFFUSION_MAY_IMPORT = (
     'eqvae_composer.registry',
     'eqvae_composer.callbacks.checkpointing',
     'eqvae_composer.ema',
+    'eqvae_composer.padding',
 )
 
 

@@ -9,6 +9,7 @@ import diffusers
 import torch
 
 from eqvae_composer.latents.storage import METADATA_FILE, read_metadata
+from eqvae_composer.padding import apply_recorded_padding_mode
 
 __all__ = ['LatentDecoder', 'latent_metadata']
 
@@ -44,6 +45,9 @@ class LatentDecoder(torch.nn.Module):
                 f'cannot read the VAE of these latents from {source} ({type(error).__name__}); pass its diffusers '
                 'folder (scripts/export.py writes one) as the decoder (YAML: vae).'
             ) from None
+        # A reflect-padded VAE records its mode in config.json, which plain diffusers ignores: decoded with
+        # zero padding, its samples would have the wrong borders.
+        apply_recorded_padding_mode(self.vae)
         self.scaling_factor = float(record['scaling_factor'])
         self.shift_factor = float(record['shift_factor'])
         config = self.vae.config

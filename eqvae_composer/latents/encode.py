@@ -50,6 +50,7 @@ from eqvae_composer.latents.storage import (
     to_stored,
     write_metadata,
 )
+from eqvae_composer.padding import recorded_padding_mode
 
 __all__ = [
     'EncodeOptions',
@@ -185,6 +186,7 @@ def _vae_record(source: str, vae: torch.nn.Module) -> dict[str, Any]:
         'shift_factor': float(config.get('shift_factor') or 0.0),
         'latent_channels': int(config['latent_channels']),
         'downsample_factor': vae_downsample_factor(vae),
+        'padding_mode': recorded_padding_mode(config),  # what a decoder must apply (plain diffusers does not)
         'weights_sha256': _weights_sha256(vae),
         'config': json.loads(json.dumps(config, default=str)),
     }
