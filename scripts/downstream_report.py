@@ -19,8 +19,9 @@ END = '<!-- downstream: end -->'
 HEADER = """## Downstream
 
 Does a diffusion model learn the eq VAE's latents faster than the control's? Measured by
-`make downstream` (`python scripts/downstream.py --runs runs/replicate-testbed`, after the replication on
-the photo testbed; cached and resumable under `RUNS/downstream`): for the control and eq VAEs of every seed,
+`make downstream` (`python scripts/downstream.py --runs runs/replicate-testbed`, after `make testbed`, the
+replication on the photo testbed; cached and resumable under `RUNS/downstream`): for the control and eq VAEs of
+every seed,
 the latents' statistics set each VAE's `scaling_factor`/`shift_factor` (unit variance, as users would),
 both splits are encoded at the replication's resolution, and the same small SiT (flow objective,
 unconditional, same initialisation, data order, noise, batch and steps) trains on each. Every checkpoint is
@@ -76,9 +77,12 @@ def _verdict(comparison: dict[Any, dict[str, Any]]) -> str:
             else "never reaches control's final validation loss"
         )
         final_gap = c['val_loss_gap'][max(c['val_loss_gap'], key=int)]
+        swd_lower = sum(value < 0 for value in c['swd_gap'].values())
+        final_swd_gap = c['swd_gap'][max(c['swd_gap'], key=int)]
         lines.append(
             f'- seed {seed}: eq has the lower validation loss at {c["eq_lower_at"]} of {c["steps"]} evaluations, '
-            f'{when}; final gap eq - control {final_gap:+.4f}.'
+            f'{when}; final gap eq - control {final_gap:+.4f}. Lower SWD at {swd_lower} of {c["steps"]}, '
+            f'final SWD gap {final_swd_gap:+.4f}.'
         )
     return '\n'.join(lines)
 
@@ -86,10 +90,7 @@ def _verdict(comparison: dict[Any, dict[str, Any]]) -> str:
 def section(report: dict[str, Any] | None) -> str:
     """The whole section: ``HEADER``, then the numbers of ``report`` (or a line saying it has not run)."""
     if report is None:
-        return (
-            f'{HEADER}\nNot run yet: it needs the testbed replication first '
-            '(`python scripts/replicate.py --photos testbed --out runs/replicate-testbed`).\n'
-        )
+        return f'{HEADER}\nNot run yet: it needs the testbed replication first (`make testbed`).\n'
     runs, plan = report['runs'], report['plan']
     first = next(iter(runs.values()))
     has_gfid = 'gfid' in next(iter(first['curve'].values()))
