@@ -18,16 +18,15 @@ END = '<!-- downstream: end -->'
 
 HEADER = """## Downstream
 
-Does a diffusion model learn the eq VAE's latents faster than the control's? Measured by
-`make downstream` (`python scripts/downstream.py --runs runs/replicate-testbed`, after `make testbed`, the
-replication on the photo testbed; cached and resumable under `RUNS/downstream`): for the control and eq VAEs of
-every seed,
-the latents' statistics set each VAE's `scaling_factor`/`shift_factor` (unit variance, as users would),
-both splits are encoded at the replication's resolution, and the same small SiT (flow objective,
-unconditional, same initialisation, data order, noise, batch and steps) trains on each. Every checkpoint is
-scored on the held-out split: the validation loss at fixed noise levels with fixed noise (comparable
-across VAEs because every VAE's latents have unit variance), and the SWD of decoded samples against the
-held-out images (gFID where the Inception weights are on the machine). The proxies are
+Does a diffusion model learn the eq VAE's latents faster than the control's? Measured by `make downstream`
+(`python scripts/downstream.py --runs runs/replicate-testbed`, after `make testbed`, the replication on the photo
+testbed, [testbed/RESULTS.md](testbed/RESULTS.md); cached and resumable under `RUNS/downstream`): for the control
+and eq VAEs of every seed, the latents' statistics set each VAE's `scaling_factor`/`shift_factor` (unit variance,
+as users would), both splits are encoded at the replication's resolution, and the same small SiT (flow
+objective, unconditional, same initialisation, data order, noise, batch and steps) trains on each. Every
+checkpoint is scored on the held-out split: the validation loss at fixed noise levels with fixed noise
+(comparable across VAEs because every VAE's latents have unit variance), and the SWD of decoded samples against
+the held-out images (gFID where the Inception weights are on the machine). The proxies are
 `scripts/diffusability_report.py`'s: the latents' high-frequency share, R/S equivariance errors, TwoNN dimension.
 """
 

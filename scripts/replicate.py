@@ -323,6 +323,11 @@ def export_folder(out: str, stage: str) -> str:
     return os.path.join(out, stage, 'vae')
 
 
+def reconstructions_file(out: str) -> str:
+    """Where a testbed run keeps its reconstructions figure (never in the docs: it shows the photographs)."""
+    return os.path.join(out, 'reconstructions.png')
+
+
 def checkpoints(out: str, stage: str) -> dict[int, str]:
     """A stage's Composer checkpoints by batch count (Composer's default ``ep{e}-ba{b}-rank0.pt`` names)."""
     found = {}
@@ -686,9 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     exports = {'base': export_folder(out, 'base')}
     exports.update({arm: export_folder(out, f'{arm}-s{plan.seeds[0]}') for arm in plan.arms})
     replicate_report.plot_curves(results, os.path.join(docs, 'results', 'curves.png'))
-    replicate_report.plot_reconstructions(
-        os.path.join(out, 'data', 'val'), plan.resolution, exports, os.path.join(docs, 'results', 'reconstructions.png')
+    # The testbed's photographs are not ours to commit (nor crops of them): their figure stays in the run folder.
+    figure = (
+        os.path.join(docs, 'results', 'reconstructions.png') if plan.photos == 'demo' else reconstructions_file(out)
     )
+    replicate_report.plot_reconstructions(os.path.join(out, 'data', 'val'), plan.resolution, exports, figure)
+    results['reconstructions'] = None if plan.photos == 'demo' else figure
     results['report_seconds'] = time.perf_counter() - start
     _write_json(os.path.join(docs, 'results', 'results.json'), results)
     replicate_report.write_markdown(os.path.join(docs, 'RESULTS.md'), results)

@@ -236,6 +236,13 @@ def _verdicts(comparisons: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+def _reconstructions_link(results: dict[str, Any]) -> str:
+    figure = results.get('reconstructions')
+    if figure is None:
+        return '![tau(x) and D(tau(E(x))) per model](results/reconstructions.png)'
+    return f'Written to `{figure}`, not committed: it shows crops of the testbed photographs, under their own licences.'
+
+
 def _gan_start(plan: dict[str, Any]) -> str:
     start = round(plan.get('base_gan_start', 0.0) * plan['base_steps'])
     if start >= plan['base_steps']:
@@ -345,7 +352,7 @@ reconstruction), scale 0.5, scale 0.25, rotation 90, scale 0.5 + rotation 180; i
 tau(x) | base | {' | '.join(results['arms'])} (seed {plan['seeds'][0]}), each D(tau(E(x))) (smaller images at
 true size, top left).
 
-![tau(x) and D(tau(E(x))) per model](results/reconstructions.png)
+{_reconstructions_link(results)}
 
 ## Command and time
 ```
